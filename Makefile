@@ -1,0 +1,35 @@
+# DimezblNet companion. Two commands do everything on a fresh machine:
+#   make reproduce   (PROFILE=smoke|cpu|paper, default smoke)
+#   make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+PROFILE ?= smoke
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test reproduce lab clean
+
+setup: $(STAMP)
+
+# torch first and pinned (the CPU wheel on this disk), then the rest; a range would pull a CUDA build.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name dimezbl --display-name "DimezblNet (.venv)" >/dev/null
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+reproduce: $(STAMP)
+	$(PY) dimezbl_core.py reproduce --profile $(PROFILE)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

@@ -1,0 +1,2635 @@
+"""DimezblNet: DimeNet with an explicit ZBL screened nuclear repulsion (one importable module).
+
+Companion of "Prediction of Interatomic Potentials Combining Empirical Potential and Graph
+Neural Networks" (Tao & Wan). The file reads top to bottom in the order data flows:
+
+=====================================  ===================================================
+section                                paper
+=====================================  ===================================================
+Units and physical constants           units of Tables 1 and 2; Eq. 8 (e^2 / 4 pi eps0)
+Graph (radius graph, triplets)         neighbourhoods N_i and N_j \\ {i} of Eq. 1-3
+Basis functions                        Eq. 4 (radial Bessel), Eq. 5 (spherical), Eq. 6
+                                       (polynomial envelope)
+ZBL screened nuclear repulsion         Eq. 8-10
+DimeNet blocks                         Eq. 7 (embedding), Eq. 3 (interaction, bilinear
+                                       layer of Sec. 3.2), output blocks of Sec. 3.4
+DimezblNet                             Sec. 3.4: V = sum_i (sum_l v_i^(l) + v_zbl,i);
+                                       forces F_i = -dV/dR_i (Eq. 11)
+Data                                   Sec. 4.2 (QM9, qm9pack) and 4.3 (MD17: readers and an
+                                       offline GFN2-xTB generator), DimeNet's splits
+Training and evaluation                MAE metrics of Sec. 4.1 under DimeNet's protocol
+Command-line entry                     train, evaluate, generate-md17, reproduce
+=====================================  ===================================================
+
+Units: positions in Angstrom everywhere. Energies are in the unit of the target the model is
+trained on (eV for QM9 energies, kcal/mol for MD17); the ZBL term is evaluated in that unit
+(`zbl_unit`). Forces are in energy unit per Angstrom.
+
+The DimeNet part follows the original implementation (klicperajo/dimenet) and PyTorch
+Geometric's `torch_geometric.nn.models.DimeNet` exactly, including its quirks (see
+`DimezblNet`), so that PyG state dicts load with `load_pyg_dimenet_state_dict`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import ctypes
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.data import Data
+
+# =============================================================================================
+# --- Units and physical constants ---
+# =============================================================================================
+
+HARTREE_TO_EV = 27.211386245988  # CODATA 2018
+BOHR_TO_ANGSTROM = 0.529177210903  # CODATA 2018
+
+# e^2 / (4 pi eps0) of Eq. 8, as LAMMPS defines it (force->qqr2e of the unit system):
+COULOMB_CONSTANT_EV_A = 14.399645  # eV * Angstrom (LAMMPS `units metal`)
+COULOMB_CONSTANT_KCAL_MOL_A = 332.06371  # kcal/mol * Angstrom (LAMMPS `units real`)
+COULOMB_CONSTANTS = {"eV": COULOMB_CONSTANT_EV_A, "kcal/mol": COULOMB_CONSTANT_KCAL_MOL_A}
+
+# ZBL universal screening (Eq. 9-10), constants of LAMMPS src/pair_zbl_const.h (also nequip):
+ZBL_SCREENING_LENGTH_A = 0.46850  # a0 of Eq. 10, Angstrom (pzbl = 0.23 is the exponent)
+ZBL_SCREENING_EXPONENT = 0.23
+ZBL_PHI_COEFFICIENTS = (0.18175, 0.50986, 0.28022, 0.02817)  # c_1..c_4 of Eq. 9
+ZBL_PHI_EXPONENTS = (3.19980, 0.94229, 0.40290, 0.20162)  # -d_1..-d_4 of Eq. 9
+
+MAX_ATOMIC_NUMBER = 94  # the embedding table has 95 rows (index 0 unused), as in DimeNet
+MIN_PAIR_DISTANCE_A = 0.01  # closer atoms are treated as coincident (bad input)
+
+
+def coulomb_constant(unit: str) -> float:
+    """e^2/(4 pi eps0) in `unit` * Angstrom, for unit "eV" or "kcal/mol"."""
+    if unit not in COULOMB_CONSTANTS:
+        raise ValueError(f"unknown energy unit {unit!r}: use one of {sorted(COULOMB_CONSTANTS)}")
+    return COULOMB_CONSTANTS[unit]
+
+
+def covalent_radii_a() -> np.ndarray:
+    """Covalent radii in Angstrom indexed by atomic number (Cordero 2008, via ase.data; MACE uses
+    the same table): H 0.31, C 0.76, N 0.71, O 0.66, F 0.57."""
+    from ase.data import covalent_radii
+
+    return np.asarray(covalent_radii[: MAX_ATOMIC_NUMBER + 1], dtype=np.float64)
+
+
+class ConstantTable:
+    """Float64 constants handed out as tensors of the caller's dtype and device (cached), so a
+    module gives exact float64 results after `.double()` and float32 ones otherwise."""
+
+    def __init__(self, **arrays):
+        self.arrays = {name: np.asarray(value, dtype=np.float64) for name, value in arrays.items()}
+        self._cache = {}
+
+    def get(self, name: str, like: Tensor) -> Tensor:
+        key = (name, like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.arrays[name], dtype=like.dtype, device=like.device)
+        return self._cache[key]
+
+
+def check_pair_distances(r: Tensor):
+    """Coincident atoms (and NaN distances) are bad input: an error, never a silent inf/NaN."""
+    if not torch.isfinite(r).all():
+        raise ValueError("an interatomic distance is NaN or inf: check the positions")
+    if (r < MIN_PAIR_DISTANCE_A).any():
+        raise ValueError(
+            f"coincident atoms: a distance of {float(r.min()):.3g} A is below "
+            f"{MIN_PAIR_DISTANCE_A} A (the nuclear repulsion diverges as 1/r); check the positions"
+        )
+
+
+# =============================================================================================
+# --- Graph: radius graph and triplets (neighbourhoods of Eq. 1-3) ---
+# =============================================================================================
+
+
+def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+    """Sum rows of `src` into `dim_size` buckets given by `index` (dim 0)."""
+    out = src.new_zeros((dim_size,) + src.shape[1:])
+    return out.index_add_(0, index, src)
+
+
+def radius_graph(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
+    """All ordered pairs of atoms of the same molecule closer than `cutoff` (Angstrom).
+
+    Returns edge_index [2, E] int64 with row = source j and col = target i (PyG's j->i flow),
+    sorted by target, then source. No self loops, no neighbour cap. `batch` must be sorted.
+    Vectorised over all pairs of each molecule (sum of n_b^2 pairs; molecules are small).
+    """
+    num_atoms = pos.size(0)
+    device = pos.device
+    counts = torch.bincount(batch)  # atoms per molecule
+    first_atom = torch.cumsum(counts, 0) - counts  # index of each molecule's first atom
+    pairs_per_atom = counts[batch]  # each atom pairs with every atom of its molecule
+    target = torch.repeat_interleave(torch.arange(num_atoms, device=device), pairs_per_atom)
+    pair_start = torch.cumsum(pairs_per_atom, 0) - pairs_per_atom
+    local = torch.arange(target.numel(), device=device) - torch.repeat_interleave(
+        pair_start, pairs_per_atom
+    )
+    source = first_atom[batch[target]] + local
+    with torch.no_grad():
+        dist = (pos[target] - pos[source]).norm(dim=-1)
+    keep = (target != source) & (dist <= cutoff)
+    return torch.stack([source[keep], target[keep]])
+
+
+def triplets(
+    edge_index: Tensor, num_nodes: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triplets k->j->i (k != i) of a radius graph sorted by target, as PyG's `triplets`.
+
+    Returns (i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji): the edges' target i and source j, the
+    atoms of each triplet and the two edges of each triplet (kj = k->j, ji = j->i).
+    """
+    source, target = edge_index
+    device = source.device
+    in_degree = torch.bincount(target, minlength=num_nodes)
+    first_in_edge = torch.cumsum(in_degree, 0) - in_degree  # edges are sorted by target
+    # every edge j->i meets every edge k->j that ends in its source j
+    num_triplets = in_degree[source]
+    idx_ji = torch.repeat_interleave(torch.arange(source.numel(), device=device), num_triplets)
+    triplet_start = torch.cumsum(num_triplets, 0) - num_triplets
+    local = torch.arange(idx_ji.numel(), device=device) - torch.repeat_interleave(
+        triplet_start, num_triplets
+    )
+    idx_kj = first_in_edge[source[idx_ji]] + local
+    idx_i, idx_j, idx_k = target[idx_ji], source[idx_ji], source[idx_kj]
+    keep = idx_i != idx_k
+    return (target, source, idx_i[keep], idx_j[keep], idx_k[keep], idx_kj[keep], idx_ji[keep])
+
+
+# =============================================================================================
+# --- Basis functions (Eq. 4-6) ---
+# =============================================================================================
+
+
+def envelope_polynomial(x: Tensor, exponent_p: int = 6) -> Tensor:
+    """u(x) of Eq. 6: 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2) for x < 1, else 0.
+
+    u(0) = 1 and u, u', u'' vanish at x = 1 (DimeNet uses p = envelope_exponent + 1 = 6).
+    """
+    p = exponent_p
+    xp = x.pow(p)
+    u = 1.0 - (p + 1) * (p + 2) / 2 * xp + p * (p + 2) * xp * x - p * (p + 1) / 2 * xp * x * x
+    return torch.where(x < 1.0, u, torch.zeros_like(u))
+
+
+class Envelope(nn.Module):
+    """DimeNet's envelope as its code applies it: u(x) / x with p = exponent + 1, 0 for x >= 1."""
+
+    def __init__(self, exponent: int = 5):
+        super().__init__()
+        self.p = exponent + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return envelope_polynomial(x, self.p) / x
+
+
+def spherical_bessel_jn(x: Tensor, num_spherical: int) -> Tensor:
+    """Spherical Bessel functions j_l(x), l = 0..num_spherical-1, as a tensor [..., num_spherical].
+
+    Upward recurrence j_{l+1} = (2l+1)/x j_l - j_{l-1} where it is stable (x >= max(l, 1)), the
+    power series j_l(x) = x^l/(2l+1)!! sum_k (-x^2/2)^k / (k! prod_{m=1..k}(2l+2m+1)) below,
+    so that short distances (the ZBL regime) keep full precision. Both branches are evaluated on
+    clamped inputs so neither produces inf or NaN gradients.
+    """
+    orders = torch.arange(num_spherical, device=x.device, dtype=x.dtype)
+    series_limit = float(max(num_spherical - 1, 1))
+    use_series = x.unsqueeze(-1) < orders.clamp(min=1.0)
+
+    # Upward recurrence on x >= 1 (the series covers everything below).
+    xr = x.clamp(min=1.0)
+    sin, cos = torch.sin(xr), torch.cos(xr)
+    recurrence = [sin / xr]
+    if num_spherical > 1:
+        recurrence.append(sin / xr**2 - cos / xr)
+    for order in range(1, num_spherical - 1):
+        recurrence.append((2 * order + 1) / xr * recurrence[order] - recurrence[order - 1])
+    recurrence = torch.stack(recurrence, dim=-1)
+
+    # Power series on x <= series_limit (used only where x < max(l, 1)).
+    xs = x.clamp(max=series_limit).unsqueeze(-1)
+    half_x2 = -0.5 * xs * xs
+    term = torch.ones_like(xs * orders)
+    series = term
+    for k in range(1, 24):
+        term = term * half_x2 / (k * (2 * orders + 2 * k + 1))
+        series = series + term
+    double_factorial = torch.tensor(
+        [float(np.prod(np.arange(2 * l + 1, 0, -2))) for l in range(num_spherical)],
+        dtype=x.dtype,
+        device=x.device,
+    )
+    series = xs.pow(orders) / double_factorial * series
+    return torch.where(use_series, series, recurrence)
+
+
+def bessel_zeros(num_spherical: int, num_radial: int) -> np.ndarray:
+    """z_ln [num_spherical, num_radial]: the n-th positive zero of j_l (float64).
+
+    The zeros of j_l and j_{l+1} interlace, so each zero of j_{l+1} is bracketed by consecutive
+    zeros of j_l (the scheme of DimeNet's `Jn_zeros`, in float64).
+    """
+    from scipy.optimize import brentq
+    from scipy.special import spherical_jn
+
+    zeros = np.zeros((num_spherical, num_radial))
+    points = np.arange(1, num_radial + num_spherical) * np.pi  # zeros of j_0
+    zeros[0] = points[:num_radial]
+    for order in range(1, num_spherical):
+        roots = np.array(
+            [
+                brentq(lambda r: spherical_jn(order, r), points[m], points[m + 1], xtol=1e-15)
+                for m in range(len(points) - 1)
+            ]
+        )
+        zeros[order] = roots[:num_radial]
+        points = roots
+    return zeros
+
+
+class BesselBasisLayer(nn.Module):
+    """Radial basis of Eq. 4 as DimeNet computes it: u(d/c)/(d/c) * sin(f_n d/c), f_n = n pi.
+
+    The constant sqrt(2/c) of Eq. 4 is absorbed in the following dense layers (as in DimeNet);
+    the frequencies f_n are trainable and start at n pi. Input: distances [E] in Angstrom.
+    """
+
+    def __init__(self, num_radial: int, cutoff: float = 5.0, envelope_exponent: int = 5):
+        super().__init__()
+        self.cutoff = cutoff
+        self.envelope = Envelope(envelope_exponent)
+        self.freq = nn.Parameter(torch.empty(num_radial))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.freq.copy_(torch.arange(1, self.freq.numel() + 1) * math.pi)
+
+    def forward(self, dist: Tensor) -> Tensor:
+        x = dist.unsqueeze(-1) / self.cutoff
+        return self.envelope(x) * torch.sin(self.freq * x)  # [E, num_radial]
+
+
+class SphericalBasisLayer(nn.Module):
+    """2D spherical Fourier-Bessel basis of Eq. 5, feature index l * num_radial + n.
+
+    a[t, (l, n)] = u(d/c)/(d/c) * j_l(z_ln d/c) / sqrt(0.5 j_{l+1}(z_ln)^2) * Y_l^0(alpha),
+    Y_l^0 = sqrt((2l+1)/(4 pi)) P_l(cos alpha). As in DimeNet, d is the distance of the edge kj
+    and the envelope multiplies the basis. Vectorised over all (l, n) at once: the radial part
+    is computed per edge and gathered to triplets.
+    """
+
+    def __init__(
+        self, num_spherical: int, num_radial: int, cutoff: float = 5.0, envelope_exponent: int = 5
+    ):
+        super().__init__()
+        from scipy.special import jv
+
+        self.num_spherical, self.num_radial, self.cutoff = num_spherical, num_radial, cutoff
+        self.envelope = Envelope(envelope_exponent)
+        # The original's Jn_zeros (kept by PyG) stores the zeros, and so the normaliser, in
+        # float32; we keep that rounding (relative 1e-7) so that PyG/DimeNet weights give the
+        # same energies to ~1e-12 instead of ~1e-6. `bessel_zeros` itself is float64.
+        zeros = bessel_zeros(num_spherical, num_radial).astype(np.float32)
+        orders = np.arange(num_spherical, dtype=np.float32)[:, None]
+        j_next = np.sqrt(np.float32(np.pi) / (2 * zeros)) * jv(orders + np.float32(1.5), zeros)
+        normalizer = 1 / (np.float32(0.5) * j_next**2) ** np.float32(0.5)  # float32 as DimeNet
+        sph_prefactor = np.sqrt((2 * np.arange(num_spherical) + 1) / (4 * np.pi))
+        # Derived from the hyperparameters, so not in the state dict (as in PyG).
+        self.constants = ConstantTable(
+            zeros=zeros, normalizer=normalizer, sph_prefactor=sph_prefactor
+        )
+
+    def radial(self, dist: Tensor) -> Tensor:
+        """Enveloped, normalised j_l(z_ln d/c) per edge: [E, num_spherical, num_radial]."""
+        x = dist / self.cutoff
+        argument = x[:, None, None] * self.constants.get("zeros", x)  # [E, L, R]
+        jl = spherical_bessel_jn(argument, self.num_spherical)  # [E, L, R, L]
+        jl = torch.diagonal(jl, dim1=1, dim2=3).transpose(1, 2)  # j_l at its own l: [E, L, R]
+        return self.envelope(x)[:, None, None] * jl * self.constants.get("normalizer", x)
+
+    def angular(self, cos_angle: Tensor) -> Tensor:
+        """Y_l^0 as a function of cos(alpha): [T, num_spherical] (Legendre recurrence)."""
+        legendre = [torch.ones_like(cos_angle), cos_angle]
+        for l in range(1, self.num_spherical - 1):
+            legendre.append(((2 * l + 1) * cos_angle * legendre[l] - l * legendre[l - 1]) / (l + 1))
+        prefactor = self.constants.get("sph_prefactor", cos_angle)
+        return torch.stack(legendre[: self.num_spherical], dim=-1) * prefactor
+
+    def combine(self, radial: Tensor, angular: Tensor, idx_kj: Tensor) -> Tensor:
+        """[T, num_spherical * num_radial] from per-edge radial and per-triplet angular parts."""
+        out = radial[idx_kj] * angular.unsqueeze(-1)
+        return out.reshape(-1, self.num_spherical * self.num_radial)
+
+    def forward(self, dist: Tensor, angle: Tensor, idx_kj: Tensor) -> Tensor:
+        """PyG's signature: edge distances [E] (Angstrom), triplet angles [T] (rad), idx_kj [T]."""
+        return self.combine(self.radial(dist), self.angular(torch.cos(angle)), idx_kj)
+
+
+# =============================================================================================
+# --- ZBL screened nuclear repulsion (Eq. 8-10) ---
+# =============================================================================================
+
+
+def _zbl_energy_and_derivatives(z_i: Tensor, z_j: Tensor, r: Tensor, unit: str):
+    """Un-switched ZBL energy E(r) and its analytic dE/dr, d2E/dr2 (unit, unit/A, unit/A^2)."""
+    k = coulomb_constant(unit)
+    z_i, z_j = z_i.to(r.dtype), z_j.to(r.dtype)
+    a = ZBL_SCREENING_LENGTH_A / (z_i**ZBL_SCREENING_EXPONENT + z_j**ZBL_SCREENING_EXPONENT)
+    x = r / a
+    phi = dphi = d2phi = 0.0
+    for c, d in zip(ZBL_PHI_COEFFICIENTS, ZBL_PHI_EXPONENTS):
+        e = c * torch.exp(-d * x)
+        phi, dphi, d2phi = phi + e, dphi - d * e, d2phi + d * d * e
+    prefactor = k * z_i * z_j
+    energy = prefactor * phi / r
+    d_energy = prefactor * (dphi / (a * r) - phi / r**2)
+    d2_energy = prefactor * (d2phi / (a * a * r) - 2 * dphi / (a * r**2) + 2 * phi / r**3)
+    return energy, d_energy, d2_energy
+
+
+def zbl_pair_energy(z_i, z_j, r, unit: str = "eV") -> Tensor:
+    """Un-switched ZBL pair energy of Eq. 8: k Z_i Z_j / r * phi(r / a) in `unit` ("eV" or
+    "kcal/mol"); r in Angstrom. Tensors broadcast; differentiable in r. Raises on r ~ 0."""
+    if not torch.is_tensor(r):
+        r = torch.tensor(r, dtype=torch.get_default_dtype())
+    z_i, z_j = torch.as_tensor(z_i, device=r.device), torch.as_tensor(z_j, device=r.device)
+    check_pair_distances(r)
+    return _zbl_energy_and_derivatives(z_i, z_j, r, unit)[0]
+
+
+ZBL_REACHES = ("cutoff", "covalent", "lammps")
+
+
+class ZBL(nn.Module):
+    """Screened nuclear repulsion (Eq. 8-10) with a choice of reach (DESIGN.md section 3).
+
+    - reach="cutoff": the literal term of the paper, multiplied by DimeNet's polynomial envelope
+      u(r / cutoff_a) (p = 6) so that it goes smoothly to zero at the model cutoff (as nequip).
+    - reach="covalent": MACE-style, E_zbl(r) * u(r / (rcov_i + rcov_j)), zero beyond the sum of
+      covalent radii (ase.data.covalent_radii).
+    - reach="lammps": LAMMPS `pair_style zbl inner outer`: E_zbl + C + [r > inner](A/3 t^3 +
+      B/4 t^4), t = r - inner, zero beyond outer; energy, force and curvature vanish at outer.
+      Note the constant C shifts the energy at every r < outer, as in LAMMPS.
+
+    `forward(z, edge_index, dist)` gives per-atom energies [N] in `unit`: each directed edge
+    gives half its pair energy to its target atom, so each unordered pair counts once. For
+    targets that are not energies the weight `scale` is a learnable scalar starting at 0
+    (`learnable_scale=True`); otherwise it is the fixed 1.
+    """
+
+    def __init__(
+        self,
+        unit: str = "eV",
+        reach: str = "cutoff",
+        cutoff_a: float = 5.0,
+        inner_a: float = 0.5,
+        outer_a: float = 1.0,
+        envelope_p: int = 6,
+        learnable_scale: bool = False,
+    ):
+        super().__init__()
+        coulomb_constant(unit)  # validates the unit
+        if reach not in ZBL_REACHES:
+            raise ValueError(f"unknown ZBL reach {reach!r}: use one of {ZBL_REACHES}")
+        if reach == "lammps" and not 0 < inner_a < outer_a <= cutoff_a:
+            raise ValueError(
+                f"ZBL switch needs 0 < inner_a < outer_a <= cutoff_a, got {inner_a}, {outer_a}, "
+                f"{cutoff_a} (Angstrom)"
+            )
+        self.unit, self.reach, self.cutoff_a = unit, reach, cutoff_a
+        self.inner_a, self.outer_a, self.envelope_p = inner_a, outer_a, envelope_p
+        if learnable_scale:
+            self.scale = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_buffer("scale", torch.ones(()))
+        self.constants = ConstantTable(covalent_radii=covalent_radii_a())
+
+    def extra_repr(self) -> str:
+        return f"unit={self.unit!r}, reach={self.reach!r}, cutoff_a={self.cutoff_a}"
+
+    def pair_energy(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tensor:
+        """Switched pair energy in `unit` (without `scale`); r in Angstrom."""
+        check_pair_distances(r.detach())
+        energy, _, _ = _zbl_energy_and_derivatives(z_i, z_j, r, self.unit)
+        if self.reach == "cutoff":
+            return energy * envelope_polynomial(r / self.cutoff_a, self.envelope_p)
+        if self.reach == "covalent":
+            radii = self.constants.get("covalent_radii", r)
+            r_switch = radii[z_i] + radii[z_j]
+            return energy * envelope_polynomial(r / r_switch, self.envelope_p)
+        outer = torch.full_like(r, self.outer_a)
+        fc, dfc, d2fc = _zbl_energy_and_derivatives(z_i, z_j, outer, self.unit)
+        tc = self.outer_a - self.inner_a
+        a = (-3 * dfc + tc * d2fc) / tc**2
+        b = (2 * dfc - tc * d2fc) / tc**3
+        c = -fc + tc / 2 * dfc - tc**2 / 12 * d2fc
+        t = (r - self.inner_a).clamp(min=0.0)
+        switched = energy + c + a / 3 * t**3 + b / 4 * t**4
+        return torch.where(r < self.outer_a, switched, torch.zeros_like(switched))
+
+    def forward(self, z: Tensor, edge_index: Tensor, dist: Tensor) -> Tensor:
+        source, target = edge_index
+        pair = self.pair_energy(z[target], z[source], dist)
+        return self.scale * scatter_sum(0.5 * pair, target, z.numel())  # [N]
+
+
+# =============================================================================================
+# --- DimeNet blocks (Eq. 3, Eq. 7, Sec. 3.2 and 3.4) ---
+# =============================================================================================
+
+
+def glorot_orthogonal_(weight: Tensor, scale: float = 2.0) -> Tensor:
+    """DimeNet's GlorotOrthogonal initialiser: an orthogonal matrix scaled to variance
+    scale / (fan_in + fan_out)."""
+    with torch.no_grad():
+        nn.init.orthogonal_(weight)
+        weight.mul_(torch.sqrt(scale / ((weight.size(-2) + weight.size(-1)) * weight.var())))
+    return weight
+
+
+def _dense(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    glorot_orthogonal_(layer.weight)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class EmbeddingBlock(nn.Module):
+    """Eq. 7: h_ji = act([Z_j || Z_i || act(e_RBF W_rbf + b)] W + b) (the code's form: the RBF
+    goes through a dense layer with bias and activation first, and the order is [i, j, rbf]).
+
+    The dense layer on the concatenation is applied to the atom embeddings per atom and then
+    gathered to the edges (same result, E/N times fewer multiply-adds).
+    """
+
+    def __init__(self, num_radial: int, hidden_channels: int, act=F.silu):
+        super().__init__()
+        self.act = act
+        self.emb = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden_channels)
+        self.lin_rbf = _dense(num_radial, hidden_channels)
+        self.lin = _dense(3 * hidden_channels, hidden_channels)
+        with torch.no_grad():
+            self.emb.weight.uniform_(-math.sqrt(3), math.sqrt(3))
+
+    def forward(self, z: Tensor, rbf: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        hidden = self.emb.embedding_dim
+        atoms = self.emb(z)  # [N, H]
+        w_i, w_j, w_rbf = self.lin.weight.split(hidden, dim=1)
+        rbf = self.act(self.lin_rbf(rbf))
+        per_edge = F.linear(rbf, w_rbf, self.lin.bias)
+        return self.act((atoms @ w_i.T)[i] + (atoms @ w_j.T)[j] + per_edge)  # [E, H]
+
+
+class ResidualLayer(nn.Module):
+    def __init__(self, hidden_channels: int, act=F.silu):
+        super().__init__()
+        self.act = act
+        self.lin1 = _dense(hidden_channels, hidden_channels)
+        self.lin2 = _dense(hidden_channels, hidden_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.lin2(self.act(self.lin1(x))))
+
+
+class InteractionBlock(nn.Module):
+    """Directional message passing of Eq. 3 with DimeNet's bilinear layer (Sec. 3.2).
+
+    m_ji' = f(h_ji) + sum_k sum_{l,a,b} W[a, l, b] a_SBF[kj, ji] W_sbf[l] (e_RBF[kj] W_rbf
+    (.) act(h_kj W_kj))[b]. W [emb, num_bilinear, emb] acts on the message of edge kj only, so
+    it is applied per edge before the gather to triplets; each triplet then only forms an
+    num_bilinear-term weighted sum (T/E ~ 15 fewer multiply-adds than per-triplet einsum).
+    """
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        num_bilinear: int,
+        num_spherical: int,
+        num_radial: int,
+        num_before_skip: int,
+        num_after_skip: int,
+        act=F.silu,
+    ):
+        super().__init__()
+        self.act = act
+        self.lin_rbf = _dense(num_radial, hidden_channels, bias=False)
+        self.lin_sbf = _dense(num_spherical * num_radial, num_bilinear, bias=False)
+        self.lin_kj = _dense(hidden_channels, hidden_channels)
+        self.lin_ji = _dense(hidden_channels, hidden_channels)
+        self.W = nn.Parameter(torch.empty(hidden_channels, num_bilinear, hidden_channels))
+        with torch.no_grad():
+            self.W.normal_(mean=0.0, std=2.0 / hidden_channels)
+        self.layers_before_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_before_skip)]
+        )
+        self.lin = _dense(hidden_channels, hidden_channels)
+        self.layers_after_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
+        )
+
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor):
+        hidden, num_bilinear, _ = self.W.shape
+        x_ji = self.act(self.lin_ji(x))
+        x_kj = self.act(self.lin_kj(x)) * self.lin_rbf(rbf)  # [E, H]
+        # per edge: y[e, l, a] = sum_b W[a, l, b] x_kj[e, b]
+        y = (x_kj @ self.W.permute(2, 1, 0).reshape(hidden, num_bilinear * hidden)).view(
+            -1, num_bilinear, hidden
+        )
+        sbf = self.lin_sbf(sbf)  # [T, num_bilinear]
+        # one batched [1 x num_bilinear] @ [num_bilinear x H] product per triplet
+        messages = torch.bmm(sbf.unsqueeze(1), y[idx_kj]).squeeze(1)  # [T, H]
+        h = x_ji + scatter_sum(messages, idx_ji, x.size(0))
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = self.act(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class InteractionPPBlock(nn.Module):
+    """DimeNet++ interaction: the bilinear layer replaced by down-projection, a Hadamard product
+    with the (two-layer) embedded SBF, and up-projection (Gasteiger et al. 2020b)."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        int_emb_size: int,
+        basis_emb_size: int,
+        num_spherical: int,
+        num_radial: int,
+        num_before_skip: int,
+        num_after_skip: int,
+        act=F.silu,
+    ):
+        super().__init__()
+        self.act = act
+        self.lin_rbf1 = _dense(num_radial, basis_emb_size, bias=False)
+        self.lin_rbf2 = _dense(basis_emb_size, hidden_channels, bias=False)
+        self.lin_sbf1 = _dense(num_spherical * num_radial, basis_emb_size, bias=False)
+        self.lin_sbf2 = _dense(basis_emb_size, int_emb_size, bias=False)
+        self.lin_kj = _dense(hidden_channels, hidden_channels)
+        self.lin_ji = _dense(hidden_channels, hidden_channels)
+        self.lin_down = _dense(hidden_channels, int_emb_size, bias=False)
+        self.lin_up = _dense(int_emb_size, hidden_channels, bias=False)
+        self.layers_before_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_before_skip)]
+        )
+        self.lin = _dense(hidden_channels, hidden_channels)
+        self.layers_after_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
+        )
+
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor):
+        x_ji = self.act(self.lin_ji(x))
+        x_kj = self.act(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))
+        x_kj = self.act(self.lin_down(x_kj))  # [E, int_emb]
+        messages = x_kj[idx_kj] * self.lin_sbf2(self.lin_sbf1(sbf))  # [T, int_emb]
+        x_kj = self.act(self.lin_up(scatter_sum(messages, idx_ji, x.size(0))))
+        h = x_ji + x_kj
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = self.act(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class OutputBlock(nn.Module):
+    """Output block (Sec. 3.4): H_i = sum_j (e_RBF W) (.) h_ji, then dense layers to v_i^(l)."""
+
+    def __init__(
+        self,
+        num_radial: int,
+        hidden_channels: int,
+        out_channels: int,
+        num_layers: int,
+        act=F.silu,
+        output_initializer: str = "zeros",
+        out_emb_channels: Optional[int] = None,
+    ):
+        super().__init__()
+        self.act = act
+        self.lin_rbf = _dense(num_radial, hidden_channels, bias=False)
+        width = hidden_channels
+        if out_emb_channels is not None:  # DimeNet++: up-projection before the dense layers
+            self.lin_up = _dense(hidden_channels, out_emb_channels, bias=False)
+            width = out_emb_channels
+        self.lins = nn.ModuleList([_dense(width, width) for _ in range(num_layers)])
+        self.lin = nn.Linear(width, out_channels, bias=False)
+        if output_initializer == "zeros":
+            nn.init.zeros_(self.lin.weight)
+        elif output_initializer == "glorot_orthogonal":
+            glorot_orthogonal_(self.lin.weight)
+        else:
+            raise ValueError(
+                f"unknown output_initializer {output_initializer!r}: use 'zeros' or "
+                "'glorot_orthogonal'"
+            )
+
+    def forward(self, x: Tensor, rbf: Tensor, i: Tensor, num_nodes: int) -> Tensor:
+        x = scatter_sum(self.lin_rbf(rbf) * x, i, num_nodes)  # [N, H]
+        if hasattr(self, "lin_up"):
+            x = self.lin_up(x)
+        for lin in self.lins:
+            x = self.act(lin(x))
+        return self.lin(x)  # [N, out_channels]
+
+
+# =============================================================================================
+# --- DimezblNet: DimeNet + ZBL (Sec. 3.4, Eq. 11) ---
+# =============================================================================================
+
+VARIANTS = ("dimenet", "dimenet++")
+
+
+class DimezblNet(nn.Module):
+    """DimeNet (or DimeNet++) whose atomic outputs get the ZBL pair repulsion added (Sec. 3.4):
+    V = sum_i (sum_l v_i^(l) + v_zbl,i). `zbl=False` is the plain DimeNet baseline.
+
+    Defaults are DimeNet's (DESIGN.md section 2): 128 channels, 6 blocks (4 for DimeNet++),
+    8 bilinear, 7 spherical, 6 radial, cutoff 5 A, envelope exponent 5, 1/2 residual layers
+    before/after the skip, 3 output layers, swish, zero-initialised final output layer.
+
+    Quirks of the original kept so that weights are interchangeable with PyG's `DimeNet`: the
+    angle of triplet k->j->i is taken between R_j - R_i and R_k - R_i (DimeNet++: between
+    R_i - R_j and R_j - R_k); the SBF uses d_kj and is multiplied by the envelope.
+    The angle enters only through cos(alpha) (Y_l^0 is a polynomial in it), computed from dot
+    products, which is smooth also for collinear atoms where atan2 of a cross-product norm is not.
+
+    Inputs: z int64 [N] (1..94), pos [N, 3] in Angstrom, batch int64 [N] sorted (molecule index
+    of each atom; None for one molecule). Energies are in the unit of the training target;
+    `zbl_unit` must be that unit.
+    """
+
+    def __init__(
+        self,
+        hidden_channels: int = 128,
+        out_channels: int = 1,
+        num_blocks: Optional[int] = None,
+        num_bilinear: int = 8,
+        num_spherical: int = 7,
+        num_radial: int = 6,
+        cutoff: float = 5.0,
+        envelope_exponent: int = 5,
+        num_before_skip: int = 1,
+        num_after_skip: int = 2,
+        num_output_layers: int = 3,
+        variant: str = "dimenet",
+        int_emb_size: int = 64,
+        basis_emb_size: int = 8,
+        out_emb_channels: int = 256,
+        output_initializer: str = "zeros",
+        zbl: bool = True,
+        zbl_unit: str = "eV",
+        zbl_reach: str = "cutoff",
+        zbl_inner_a: float = 0.5,
+        zbl_outer_a: float = 1.0,
+        zbl_learnable_scale: bool = False,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+        if num_spherical < 2:
+            raise ValueError("num_spherical must be at least 2")
+        if num_blocks is None:
+            num_blocks = 6 if variant == "dimenet" else 4
+        self.hparams = dict(
+            hidden_channels=hidden_channels, out_channels=out_channels, num_blocks=num_blocks,
+            num_bilinear=num_bilinear, num_spherical=num_spherical, num_radial=num_radial,
+            cutoff=cutoff, envelope_exponent=envelope_exponent, num_before_skip=num_before_skip,
+            num_after_skip=num_after_skip, num_output_layers=num_output_layers, variant=variant,
+            int_emb_size=int_emb_size, basis_emb_size=basis_emb_size,
+            out_emb_channels=out_emb_channels, output_initializer=output_initializer, zbl=zbl,
+            zbl_unit=zbl_unit, zbl_reach=zbl_reach, zbl_inner_a=zbl_inner_a,
+            zbl_outer_a=zbl_outer_a, zbl_learnable_scale=zbl_learnable_scale,
+        )  # fmt: skip
+        self.cutoff, self.variant, self.out_channels = cutoff, variant, out_channels
+        act = F.silu  # swish
+        self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
+        self.sbf = SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
+        self.emb = EmbeddingBlock(num_radial, hidden_channels, act)
+        plus = variant == "dimenet++"
+        self.output_blocks = nn.ModuleList(
+            [
+                OutputBlock(
+                    num_radial, hidden_channels, out_channels, num_output_layers, act,
+                    output_initializer, out_emb_channels if plus else None,
+                )  # fmt: skip
+                for _ in range(num_blocks + 1)
+            ]
+        )
+        if plus:
+            blocks = [
+                InteractionPPBlock(
+                    hidden_channels, int_emb_size, basis_emb_size, num_spherical, num_radial,
+                    num_before_skip, num_after_skip, act,
+                )  # fmt: skip
+                for _ in range(num_blocks)
+            ]
+        else:
+            blocks = [
+                InteractionBlock(
+                    hidden_channels, num_bilinear, num_spherical, num_radial, num_before_skip,
+                    num_after_skip, act,
+                )  # fmt: skip
+                for _ in range(num_blocks)
+            ]
+        self.interaction_blocks = nn.ModuleList(blocks)
+        self.zbl = (
+            ZBL(zbl_unit, zbl_reach, cutoff, zbl_inner_a, zbl_outer_a,
+                learnable_scale=zbl_learnable_scale)
+            if zbl else None
+        )  # fmt: skip
+
+    # --- input checks: bad input is an error that names the problem, never a silent NaN ---
+    def _check_inputs(self, z: Tensor, pos: Tensor, batch: Optional[Tensor]):
+        if not torch.is_tensor(z) or z.dtype.is_floating_point or z.dtype == torch.bool:
+            raise TypeError("z must be an integer tensor of atomic numbers (torch.long)")
+        if not torch.is_tensor(pos) or not pos.dtype.is_floating_point:
+            raise TypeError("pos must be a floating point tensor of positions in Angstrom")
+        if z.dim() != 1:
+            raise ValueError(f"z must have shape [num_atoms], got shape {tuple(z.shape)}")
+        if z.numel() == 0:
+            raise ValueError("empty input: a molecule needs at least one atom")
+        if pos.shape != (z.numel(), 3):
+            raise ValueError(
+                f"pos must have shape [num_atoms, 3] = [{z.numel()}, 3] to match z, got shape "
+                f"{tuple(pos.shape)}"
+            )
+        bad = ((z < 1) | (z > MAX_ATOMIC_NUMBER)).nonzero()
+        if bad.numel():
+            index = int(bad[0])
+            raise ValueError(
+                f"atomic number {int(z[index])} at index {index} is not supported: the embedding "
+                f"covers Z = 1..{MAX_ATOMIC_NUMBER}"
+            )
+        bad = (~torch.isfinite(pos)).any(dim=1).nonzero()
+        if bad.numel():
+            raise ValueError(
+                f"pos of atom {int(bad[0])} is not finite (NaN or inf): {pos[bad[0]].tolist()}"
+            )
+        if batch is None:
+            return z.long(), torch.zeros_like(z, dtype=torch.long), 1
+        if not torch.is_tensor(batch) or batch.dtype.is_floating_point:
+            raise TypeError("batch must be an integer tensor (molecule index of each atom)")
+        if batch.shape != z.shape:
+            raise ValueError(
+                f"batch must have shape [num_atoms] = [{z.numel()}], got {tuple(batch.shape)}"
+            )
+        batch = batch.long()
+        if batch[0] < 0 or (batch[1:] < batch[:-1]).any():
+            raise ValueError(
+                "batch must be non-negative and sorted (atoms of each molecule contiguous, as in "
+                "PyG's Batch); sort the atoms by molecule"
+            )
+        num_molecules = int(batch[-1]) + 1
+        empty = (torch.bincount(batch, minlength=num_molecules) == 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"molecule {int(empty[0])} of the batch is empty (has no atoms)")
+        return z.long(), batch, num_molecules
+
+    @staticmethod
+    def _check_distances(dist: Tensor, edge_index: Tensor):
+        close = (dist < MIN_PAIR_DISTANCE_A).nonzero()
+        if close.numel():
+            e = int(close[0])
+            raise ValueError(
+                f"coincident atoms {int(edge_index[1, e])} and {int(edge_index[0, e])}: distance "
+                f"{float(dist[e]):.3g} A < {MIN_PAIR_DISTANCE_A} A"
+            )
+
+    def atomic_outputs(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None):
+        """Per-atom outputs sum_l v_i^(l) + v_zbl,i [N, out_channels] and the checked batch."""
+        z, batch, num_molecules = self._check_inputs(z, pos, batch)
+        pos = pos.to(self.rbf.freq.dtype)
+        num_atoms = z.numel()
+        with torch.no_grad():
+            edge_index = radius_graph(pos.detach(), batch, self.cutoff)
+            i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji = triplets(edge_index, num_atoms)
+        vec = pos[i] - pos[j]  # R_i - R_j for edge j->i, [E, 3]
+        dist = vec.norm(dim=-1)
+        self._check_distances(dist.detach(), edge_index)
+        if self.variant == "dimenet":  # angle between R_j - R_i and R_k - R_i
+            vec_ki = pos[idx_k] - pos[idx_i]
+            cos_angle = -(vec[idx_ji] * vec_ki).sum(-1) / (dist[idx_ji] * vec_ki.norm(dim=-1))
+        else:  # DimeNet++: angle between R_i - R_j and R_j - R_k
+            cos_angle = (vec[idx_ji] * vec[idx_kj]).sum(-1) / (dist[idx_ji] * dist[idx_kj])
+        rbf = self.rbf(dist)  # [E, num_radial]
+        sbf = self.sbf.combine(self.sbf.radial(dist), self.sbf.angular(cos_angle), idx_kj)
+        x = self.emb(z, rbf, i, j)  # [E, H]
+        out = self.output_blocks[0](x, rbf, i, num_atoms)
+        for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):
+            x = interaction(x, rbf, sbf, idx_kj, idx_ji)
+            out = out + output(x, rbf, i, num_atoms)
+        if self.zbl is not None:
+            out = out + self.zbl(z, edge_index, dist).unsqueeze(-1)
+        return out, batch, num_molecules
+
+    def atomic_energies(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+        """Per-atom energies [N] (out_channels = 1) or outputs [N, C]."""
+        out = self.atomic_outputs(z, pos, batch)[0]
+        return out.squeeze(-1) if self.out_channels == 1 else out
+
+    def forward(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+        """Energy per molecule [B] (out_channels = 1) or outputs [B, C]."""
+        out, batch, num_molecules = self.atomic_outputs(z, pos, batch)
+        total = scatter_sum(out, batch, num_molecules)
+        return total.squeeze(-1) if self.out_channels == 1 else total
+
+    def energy_and_forces(
+        self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None, create_graph: bool = False
+    ) -> Tuple[Tensor, Tensor]:
+        """(energies [B], forces [N, 3] = -dE/dR, Eq. 11). `create_graph=True` for force
+        training (a loss on the forces can then be back-propagated to the weights)."""
+        if self.out_channels != 1:
+            raise ValueError("forces need a scalar energy model (out_channels = 1)")
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        energy = self(z, pos, batch)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+        return energy, -grad
+
+
+def load_pyg_dimenet_state_dict(model: DimezblNet, state_dict: dict) -> DimezblNet:
+    """Load the state dict of a PyG `DimeNet` / `DimeNetPlusPlus` into the DimeNet part of
+    `model` (same hyperparameters; variant "dimenet" / "dimenet++"). The ZBL part is untouched.
+    Parameter names and shapes are PyG's, so this is a checked `load_state_dict`."""
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("zbl.")}
+    missing = sorted(set(ours) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(ours))
+    if missing or unexpected:
+        plus_keys = any(".lin_down." in k for k in state_dict)
+        hint = (
+            f"the state dict looks like {'DimeNetPlusPlus' if plus_keys else 'DimeNet'}; build "
+            f"DimezblNet(variant={'dimenet++' if plus_keys else 'dimenet'!r}, ...) with the same "
+            "hyperparameters (num_blocks, num_output_layers, residual layers)"
+        )
+        raise ValueError(
+            f"PyG state dict does not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; {hint}"
+        )
+    for key, value in state_dict.items():
+        if ours[key].shape != value.shape:
+            raise ValueError(
+                f"shape of {key}: PyG {tuple(value.shape)} vs model {tuple(ours[key].shape)}; "
+                "use the same hidden_channels, num_bilinear, num_spherical, num_radial"
+            )
+    result = model.load_state_dict(state_dict, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("zbl.") for k in result.missing_keys)
+    return model
+
+
+
+# =============================================================================================
+# --- Data: QM9 (qm9pack), MD17 (readers and the GFN2-xTB generator), splits ---
+# =============================================================================================
+# QM9 is stored in training units (D, bohr^3, eV, bohr^2, cal/(mol K)), MD17 in kcal/mol and
+# kcal/mol/Angstrom; positions always in Angstrom.
+
+LOG = logging.getLogger("dimezbl.data")
+
+
+# --- Units and constants -------------------------------------------------------------------------
+
+EV_TO_MEV = 1000.0
+
+QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "cv")
+
+# Training units: DESIGN.md section 2 (models train in eV; U0, U, H, G are atomization energies).
+QM9_TRAINING_UNITS = {
+    "mu": "D", "alpha": "bohr^3", "homo": "eV", "lumo": "eV", "gap": "eV", "r2": "bohr^2",
+    "zpve": "eV", "U0": "eV", "U": "eV", "H": "eV", "G": "eV", "cv": "cal/(mol K)",
+}
+# Reporting units: Table 1 of the paper (energy-like MAEs in meV).
+QM9_REPORTING_UNITS = {
+    target: ("meV" if unit == "eV" else unit) for target, unit in QM9_TRAINING_UNITS.items()
+}
+_QM9_TRAINING_TO_REPORTING = {
+    target: (EV_TO_MEV if unit == "eV" else 1.0) for target, unit in QM9_TRAINING_UNITS.items()
+}
+
+
+def qm9_to_reporting_units(values, target: str):
+    """Convert ``values`` of QM9 ``target`` from training units to Table 1's reporting units.
+
+    eV -> meV for homo, lumo, gap, zpve, U0, U, H, G; mu (D), alpha (bohr^3), r2 (bohr^2) and
+    cv (cal/(mol K)) are unchanged. Works on floats, numpy arrays and torch tensors.
+    """
+    if target not in _QM9_TRAINING_TO_REPORTING:
+        raise ValueError(f"unknown QM9 target {target!r}: choose one of {', '.join(QM9_TARGETS)}")
+    return values * _QM9_TRAINING_TO_REPORTING[target]
+
+
+# QM9 atomic reference energies, in Hartree, per property: the "atomref" table of the QM9 record
+# (Ramakrishnan, Dral, Rupp, von Lilienfeld, Sci. Data 1, 140022 (2014), file atomref.txt;
+# B3LYP/6-31G(2df,p) energies of the free atoms). Columns: U0 (0 K), U (298.15 K), H (298.15 K),
+# G (298.15 K). PyG's torch_geometric.datasets.qm9.atomrefs holds the same numbers times 27.211386246.
+QM9_ATOMREF_HARTREE = {
+    #     U0           U            H            G
+    1: (-0.500273, -0.498857, -0.497912, -0.510927),     # H
+    6: (-37.846772, -37.845355, -37.844411, -37.861317),  # C
+    7: (-54.583861, -54.582445, -54.581501, -54.598897),  # N
+    8: (-75.064579, -75.063163, -75.062219, -75.079532),  # O
+    9: (-99.718730, -99.717314, -99.716370, -99.733544),  # F
+}
+_QM9_ATOMIZATION_TARGETS = ("U0", "U", "H", "G")  # the column order of QM9_ATOMREF_HARTREE
+
+# qm9pack column holding each target, and the factor from that column's unit to the training unit.
+# ("Enthalphy" is qm9pack's spelling.)
+QM9_CSV_COLUMNS = {
+    "mu": ("Dipole_debye", 1.0),                          # D
+    "alpha": ("Polarizability_bohr3", 1.0),               # bohr^3
+    "homo": ("HOMO_au", HARTREE_TO_EV),                   # Hartree -> eV
+    "lumo": ("LUMO_au", HARTREE_TO_EV),                   # Hartree -> eV
+    "gap": ("HOMO_LUMO_gap_au", HARTREE_TO_EV),           # Hartree -> eV
+    "r2": ("R2_bohr2", 1.0),                              # bohr^2
+    "zpve": ("ZPVE_au", HARTREE_TO_EV),                   # Hartree -> eV
+    "U0": ("InternalEnergy_0K_au", HARTREE_TO_EV),        # Hartree -> eV (after atomref subtraction)
+    "U": ("InternalEnergy_298K_au", HARTREE_TO_EV),
+    "H": ("Enthalphy_298K_au", HARTREE_TO_EV),
+    "G": ("GibbsFreeEnergy_298K_au", HARTREE_TO_EV),
+    "cv": ("Heatcapacity_Cv_cal_mol_K", 1.0),             # cal/(mol K)
+}
+
+QM9_NUM_MOLECULES = 130_831  # QM9 without the 3,054 molecules that failed the consistency check
+QM9_CSV_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
+QM9_POLARIZABILITY_FILE = "qm9_polarizability.csv"
+QM9_CACHE_FORMAT_VERSION = 1
+QM9_CACHE_FILE = f"qm9_v{QM9_CACHE_FORMAT_VERSION}.pt"
+QM9_SPLIT_SIZES = (110_000, 10_000)  # train, validation; the rest (10,831) is test (DimeNet)
+
+_SETUP_HINT = "run `make setup` (or `pip install qm9pack==1.0.3` in the project's venv)"
+
+
+# --- Shared file helpers -------------------------------------------------------------------------
+
+def data_dir_path(data_dir=None) -> Path:
+    """The data directory: ``data_dir``, else $DIMEZBL_DATA_DIR, else ``<repository>/data``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("DIMEZBL_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent / "data"
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+# --- QM9 source and parsing ----------------------------------------------------------------------
+
+def qm9_source_files() -> dict[str, Path]:
+    """Paths of qm9pack's CSV files, found without importing qm9pack (it needs pkg_resources)."""
+    spec = importlib.util.find_spec("qm9pack")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the QM9 source package qm9pack is not installed: {_SETUP_HINT}")
+    data_folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    files = {name: data_folder / name for name in (*QM9_CSV_FILES, QM9_POLARIZABILITY_FILE)}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"qm9pack is installed but its data files are missing: {', '.join(missing)}; "
+            f"reinstall it: {_SETUP_HINT}")
+    return files
+
+
+def _qm9_source_fingerprint(files: dict[str, Path]) -> dict[str, int]:
+    """File name -> size in bytes; a changed qm9pack makes the cache stale."""
+    return {name: path.stat().st_size for name, path in sorted(files.items())}
+
+
+# Atomic number of each element symbol byte; QM9 holds only H, C, N, O, F.
+_ELEMENT_BYTE_TO_Z = np.zeros(256, dtype=np.uint8)
+for _symbol, _z in (("H", 1), ("C", 6), ("N", 7), ("O", 8), ("F", 9)):
+    _ELEMENT_BYTE_TO_Z[ord(_symbol)] = _z
+
+
+def parse_qm9_csv(files: dict[str, Path]) -> dict[str, np.ndarray]:
+    """Parse qm9pack's CSVs in bulk.
+
+    Returns numpy arrays: ``z`` uint8 [A], ``pos`` float32 [A, 3] in Angstrom, ``ptr`` int64 [M + 1]
+    (molecule i owns atoms ptr[i]:ptr[i+1]), ``y`` float32 [M, 12] in training units (QM9_TARGETS
+    order), ``gdb_id`` int64 [M] (the QM9 index, 1..133885).
+    """
+    value_columns = [column for column, _ in QM9_CSV_COLUMNS.values()]
+    usecols = ["XYZ_file", "Index", "N_atoms", "Elements", "XYZ_Ang", *value_columns]
+    frame = pd.concat(
+        [pd.read_csv(files[name], usecols=usecols) for name in QM9_CSV_FILES], ignore_index=True)
+    n_molecules = len(frame)
+    if n_molecules != QM9_NUM_MOLECULES:
+        raise ValueError(
+            f"qm9pack holds {n_molecules} molecules, expected {QM9_NUM_MOLECULES}: "
+            f"the DimeNet split needs the full set; {_SETUP_HINT}")
+    gdb_id = frame["Index"].to_numpy(np.int64, copy=True)  # writable (pandas copy-on-write)
+    if not np.all(np.diff(gdb_id) > 0):
+        raise ValueError("qm9pack rows are not sorted by QM9 index: the split would not match DimeNet's")
+
+    n_atoms = frame["N_atoms"].to_numpy(np.int64)
+    ptr = np.zeros(n_molecules + 1, dtype=np.int64)
+    np.cumsum(n_atoms, out=ptr[1:])
+    total_atoms = int(ptr[-1])
+
+    # Elements: "['C','H','H']" -> one byte per atom after deleting brackets, quotes and commas.
+    element_bytes = "".join(frame["Elements"].tolist()).encode("ascii").translate(None, b"[]', ")
+    z = _ELEMENT_BYTE_TO_Z[np.frombuffer(element_bytes, dtype=np.uint8)]
+    if z.size != total_atoms or not z.all():
+        raise ValueError(
+            f"qm9pack Elements column parsed to {z.size} atoms ({int((z == 0).sum())} unknown symbols), "
+            f"N_atoms sums to {total_atoms}: the CSV is damaged; {_SETUP_HINT}")
+
+    # Coordinates: "[[x,y,z],[x,y,z]]" -> one comma-separated list of floats for the whole data set.
+    coordinate_text = ",".join(frame["XYZ_Ang"].tolist()).translate(str.maketrans("", "", "[]"))
+    pos = np.fromstring(coordinate_text, dtype=np.float64, sep=",")
+    if pos.size != 3 * total_atoms or not np.isfinite(pos).all():
+        raise ValueError(
+            f"qm9pack XYZ_Ang column parsed to {pos.size} numbers, expected 3 * {total_atoms}: "
+            f"the CSV is damaged; {_SETUP_HINT}")
+    pos = pos.reshape(total_atoms, 3)
+
+    # Targets, in float64 until the atomization energies are formed (|U0| reaches hundreds of Hartree).
+    raw = np.stack([frame[column].to_numpy(np.float64) for column, _ in QM9_CSV_COLUMNS.values()], axis=1)
+    atomref_table = np.zeros((256, len(_QM9_ATOMIZATION_TARGETS)))
+    for atomic_number, refs in QM9_ATOMREF_HARTREE.items():
+        atomref_table[atomic_number] = refs
+    atomref_per_molecule = np.add.reduceat(atomref_table[z], ptr[:-1], axis=0)  # [M, 4] Hartree
+    for column, target in enumerate(_QM9_ATOMIZATION_TARGETS):
+        raw[:, QM9_TARGETS.index(target)] -= atomref_per_molecule[:, column]
+    factors = np.array([factor for _, factor in QM9_CSV_COLUMNS.values()])
+    y = raw * factors
+
+    _check_qm9_polarizability(files[QM9_POLARIZABILITY_FILE], frame)
+    return {"z": z, "pos": pos.astype(np.float32), "ptr": ptr, "y": y.astype(np.float32),
+            "gdb_id": gdb_id}
+
+
+QM9_ALPHA_TOLERANCE_BOHR3 = 0.01  # the CSV rounds alpha to 0.01 bohr^3, the tensor to 0.001
+
+
+def _check_qm9_polarizability(path: Path, frame: pd.DataFrame) -> None:
+    """Check the alpha column against the trace/3 of qm9pack's polarizability tensors (bohr^3)."""
+    tensor = pd.read_csv(path, usecols=["XYZ_file", "A_xx", "A_yy", "A_zz"])
+    if len(tensor) != len(frame) or not (tensor["XYZ_file"].to_numpy() == frame["XYZ_file"].to_numpy()).all():
+        raise ValueError(f"{path} does not list the same molecules as the QM9 CSVs; {_SETUP_HINT}")
+    isotropic = tensor[["A_xx", "A_yy", "A_zz"]].to_numpy().mean(axis=1)
+    deviation = np.abs(isotropic - frame["Polarizability_bohr3"].to_numpy())
+    if deviation.max() > QM9_ALPHA_TOLERANCE_BOHR3:
+        worst = int(deviation.argmax())
+        raise ValueError(
+            f"QM9 alpha of {frame['XYZ_file'].iloc[worst]} differs from its polarizability tensor "
+            f"by {deviation[worst]:.4f} bohr^3: the CSV is damaged; {_SETUP_HINT}")
+
+
+# --- QM9 cache -----------------------------------------------------------------------------------
+
+def _qm9_cache_paths(data_dir) -> tuple[Path, Path]:
+    cache = data_dir_path(data_dir) / QM9_CACHE_FILE
+    return cache, cache.with_suffix(".json")
+
+
+def _write_qm9_cache(arrays: dict[str, np.ndarray], data_dir, fingerprint: dict[str, int]) -> None:
+    """torch.save the arrays into one file (atomically), then its sidecar (version, size, sha256)."""
+    cache_path, sidecar_path = _qm9_cache_paths(data_dir)
+    buffer = io.BytesIO()
+    torch.save({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}, buffer)
+    payload = buffer.getvalue()
+    _atomic_write_bytes(cache_path, payload)
+    _atomic_write_json(sidecar_path, {
+        "format_version": QM9_CACHE_FORMAT_VERSION, "sha256": _sha256(payload), "size_bytes": len(payload),
+        "source_sizes_bytes": fingerprint, "num_molecules": int(arrays["ptr"].size - 1),
+    })
+
+
+def _read_qm9_cache(data_dir, fingerprint: dict[str, int]) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The cached tensors, or (None, why the cache cannot be used)."""
+    cache_path, sidecar_path = _qm9_cache_paths(data_dir)
+    if not cache_path.exists():
+        return None, f"no cache at {cache_path}"
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        expected_sha, expected_size = sidecar["sha256"], sidecar["size_bytes"]
+        version, sources = sidecar["format_version"], sidecar["source_sizes_bytes"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"its sidecar {sidecar_path} is missing or unreadable ({error})"
+    if version != QM9_CACHE_FORMAT_VERSION:
+        return None, f"it has format version {version}, this code writes {QM9_CACHE_FORMAT_VERSION}"
+    if sources != fingerprint:
+        return None, f"the qm9pack CSV sizes changed ({sources} -> {fingerprint})"
+    payload = cache_path.read_bytes()
+    if len(payload) != expected_size:
+        return None, f"it is {len(payload)} bytes, {expected_size} were written (truncated?)"
+    if _sha256(payload) != expected_sha:
+        return None, "its sha256 does not match the one recorded when it was written (corrupt)"
+    try:
+        tensors = torch.load(io.BytesIO(payload), weights_only=True)
+        ptr = tensors["ptr"]
+        consistent = (ptr.numel() == QM9_NUM_MOLECULES + 1 and int(ptr[-1]) == tensors["z"].shape[0]
+                      == tensors["pos"].shape[0] and tensors["y"].shape == (QM9_NUM_MOLECULES, len(QM9_TARGETS)))
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, with the reason
+        return None, f"torch.load failed ({type(error).__name__}: {str(error)[:200]})"
+    if not consistent:
+        return None, "its tensors have inconsistent shapes"
+    return tensors, ""
+
+
+# --- QM9 dataset and splits ----------------------------------------------------------------------
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Rows of data held in a few big tensors. ``dataset[i]`` builds one PyG ``Data``; an index array,
+    boolean mask, list, tensor or slice gives a view dataset of those rows (no copy of the tensors)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return int(self.rows.numel())
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)) or (torch.is_tensor(index) and index.dim() == 0):
+            position = int(index)
+            if not -len(self) <= position < len(self):
+                raise IndexError(f"index {position} is out of range for {self!r}")
+            return self._item(int(self.rows[position]))
+        if isinstance(index, slice):
+            return self._view(self.rows[index])
+        positions = torch.as_tensor(np.asarray(index))
+        if positions.dtype == torch.bool:
+            if positions.shape != self.rows.shape:
+                raise IndexError(f"boolean mask of shape {tuple(positions.shape)} for {self!r}")
+            return self._view(self.rows[positions])
+        positions = positions.long()
+        if positions.numel() and not (-len(self) <= int(positions.min()) and int(positions.max()) < len(self)):
+            raise IndexError(f"index array reaches outside 0..{len(self) - 1} of {self!r}")
+        return self._view(self.rows[positions])
+
+    def _item(self, row: int) -> Data:
+        raise NotImplementedError
+
+    def _view(self, rows: torch.Tensor) -> "IndexedDataset":
+        view = self.__class__.__new__(self.__class__)
+        view.__dict__.update(self.__dict__)
+        view.rows = rows
+        return view
+
+
+class QM9Dataset(IndexedDataset):
+    """QM9 molecules stored as concatenated tensors (z, pos, ptr, y, gdb_id); items are PyG ``Data``.
+
+    ``dataset[i]`` is ``Data(z int64 [N], pos float32 [N, 3] Angstrom, y float32 [1, 12] training units,
+    idx int64 [1] row index in the full set, gdb_id int64 [1] QM9 index)``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._z, self._pos, self._ptr = tensors["z"], tensors["pos"], tensors["ptr"]
+        self._y, self._gdb_id = tensors["y"], tensors["gdb_id"]
+        super().__init__(torch.arange(self._y.shape[0]))
+
+    def _item(self, row: int) -> Data:
+        start, end = int(self._ptr[row]), int(self._ptr[row + 1])
+        return Data(z=self._z[start:end].long(), pos=self._pos[start:end].clone(),
+                    y=self._y[row:row + 1].clone(), idx=torch.tensor([row]),
+                    gdb_id=self._gdb_id[row:row + 1].clone())
+
+    @property
+    def y(self) -> torch.Tensor:
+        """All targets of the molecules in this (sub)set, float32 [len, 12] in training units."""
+        return self._y[self.rows]
+
+    def __repr__(self) -> str:
+        return f"QM9Dataset({len(self)} molecules)"
+
+
+def load_qm9(data_dir=None) -> QM9Dataset:
+    """The whole QM9 set (130,831 molecules) as a dataset of PyG ``Data``, parsed once and cached.
+
+    The cache ``<data_dir>/qm9_v1.pt`` (+ ``.json`` sidecar) is verified on every load (format version,
+    qm9pack file sizes, byte size, sha256); a missing, stale, truncated or corrupt cache is rebuilt
+    from qm9pack's CSVs with a logged warning.
+    """
+    files = qm9_source_files()
+    fingerprint = _qm9_source_fingerprint(files)
+    tensors, reason = _read_qm9_cache(data_dir, fingerprint)
+    if tensors is None:
+        cache_path, _ = _qm9_cache_paths(data_dir)
+        if cache_path.exists():
+            LOG.warning("QM9 cache %s is not used and will be rebuilt: %s", cache_path, reason)
+        else:
+            LOG.info("building the QM9 cache: %s", reason)
+        start = time.perf_counter()
+        arrays = parse_qm9_csv(files)
+        _write_qm9_cache(arrays, data_dir, fingerprint)
+        LOG.info("QM9 parsed and cached at %s in %.1f s", cache_path, time.perf_counter() - start)
+        tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+    return QM9Dataset(tensors)
+
+
+def qm9_split(n: int = QM9_NUM_MOLECULES, seed: int = 42) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DimeNet's QM9 split: ``RandomState(seed).permutation(n)``, 110,000 train, 10,000 valid, rest test."""
+    n_train, n_valid = QM9_SPLIT_SIZES
+    if n <= n_train + n_valid:
+        raise ValueError(f"qm9_split needs n > {n_train + n_valid} (got n={n}); use n={QM9_NUM_MOLECULES}")
+    permutation = np.random.RandomState(seed).permutation(n)
+    return permutation[:n_train], permutation[n_train:n_train + n_valid], permutation[n_train + n_valid:]
+
+
+def subset_split(split, n_train: int | None, n_valid: int | None, n_test: int | None):
+    """Prefixes of a (train, valid, test) split, for small profiles; ``None`` keeps a whole set.
+
+    Prefixes keep every subset inside its parent set, so small-profile test molecules are true test
+    molecules.
+    """
+    subsets = []
+    for name, indices, size in zip(("train", "valid", "test"), split, (n_train, n_valid, n_test)):
+        if size is not None and not 0 < size <= len(indices):
+            raise ValueError(f"n_{name}={size} must be between 1 and the {name} set's size {len(indices)}")
+        subsets.append(np.asarray(indices)[:size])
+    return tuple(subsets)
+
+
+# --- MD17 readers --------------------------------------------------------------------------------
+
+MD17_MOLECULES = ("aspirin", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic_acid",
+                  "toluene", "uracil")
+MD17_FORMULAS = {  # Hill formulas, to check that a file holds the molecule it is named for
+    "aspirin": "C9H8O4", "benzene": "C6H6", "ethanol": "C2H6O", "malonaldehyde": "C3H4O2",
+    "naphthalene": "C10H8", "salicylic_acid": "C7H6O3", "toluene": "C7H8", "uracil": "C4H4N2O2",
+}
+MD17_PYG_NAMES = {name: name.replace("_", " ") for name in MD17_MOLECULES}  # torch_geometric's keys
+MD17_SGDML_KEYS = ("E", "F", "R", "z")
+MD17_RMD17_KEYS = ("energies", "forces", "coords", "nuclear_charges")
+MD17_SOURCES = ("generated", "npz", "pyg")
+
+
+def md17_download_help(molecule: str | None = None) -> str:
+    """Where the published MD17 files are (URLs from torch_geometric.datasets.MD17's tables)."""
+    from torch_geometric.datasets import MD17
+
+    if molecule is None:
+        sgdml, revised = f"{MD17.gdml_url}/md17_<molecule>.npz", "rmd17_<molecule>.npz"
+    else:
+        pyg_name = MD17_PYG_NAMES[md17_molecule_name(molecule)]
+        sgdml, revised = f"{MD17.gdml_url}/{MD17.file_names[pyg_name]}", MD17.file_names[f"revised {pyg_name}"]
+    return f"MD17 (sGDML layout): {sgdml}; rMD17: {MD17.revised_url} (file rmd17/npz_data/{revised})"
+
+
+def md17_molecule_name(molecule: str) -> str:
+    """Canonical MD17 molecule name (``'Salicylic acid'`` -> ``'salicylic_acid'``), or a clear error."""
+    name = str(molecule).strip().lower().replace(" ", "_").replace("-", "_")
+    if name not in MD17_MOLECULES:
+        raise ValueError(f"unknown MD17 molecule {molecule!r}: choose one of {', '.join(MD17_MOLECULES)}")
+    return name
+
+
+def read_md17_npz(path) -> dict[str, np.ndarray]:
+    """Read an MD17 npz in the sGDML layout (E, F, R, z) or the rMD17 layout (energies, forces, coords,
+    nuclear_charges).
+
+    Returns ``z`` int64 [N], ``R`` float64 [M, N, 3] Angstrom, ``E`` float64 [M] kcal/mol,
+    ``F`` float64 [M, N, 3] kcal/mol/Angstrom, and ``layout`` ('sgdml' or 'rmd17').
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no MD17 npz at {path}; get one from {md17_download_help()}, or generate "
+                                "GFN2-xTB data offline: python dimezbl_core.py generate-md17 --molecule <name>")
+    unreadable = f"{path} is not a readable npz file"
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{unreadable} ({error}); re-download or regenerate it") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{unreadable} (it holds a single array, not named arrays)")
+    with npz:
+        keys = set(npz.files)
+        if set(MD17_SGDML_KEYS) <= keys:
+            layout, layout_keys = "sgdml", MD17_SGDML_KEYS
+        elif set(MD17_RMD17_KEYS) <= keys:
+            layout, layout_keys = "rmd17", MD17_RMD17_KEYS
+        else:
+            raise ValueError(
+                f"{path} is neither an sGDML MD17 npz (missing keys {sorted(set(MD17_SGDML_KEYS) - keys)}) "
+                f"nor an rMD17 npz (missing keys {sorted(set(MD17_RMD17_KEYS) - keys)}); it holds {sorted(keys)}")
+        try:
+            e, f, r, z = (npz[key] for key in layout_keys)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{unreadable} ({error}); re-download or regenerate it") from None
+    e = np.asarray(e, dtype=np.float64)
+    if e.ndim == 2 and e.shape[1] == 1:
+        e = e[:, 0]
+    r, f, z = np.asarray(r, dtype=np.float64), np.asarray(f, dtype=np.float64), np.asarray(z)
+    if z.ndim != 1 or z.size == 0 or not np.issubdtype(z.dtype, np.integer) or z.min() < 1:
+        raise ValueError(f"{path}: atomic numbers must be positive integers of shape [N], got {z.dtype} {z.shape}")
+    n_atoms = z.size
+    if r.ndim != 3 or r.shape[1:] != (n_atoms, 3) or r.shape[0] == 0:
+        raise ValueError(f"{path}: positions have shape {r.shape}, expected [M, {n_atoms}, 3] for {n_atoms} atoms")
+    if f.shape != r.shape:
+        raise ValueError(f"{path}: forces have shape {f.shape}, positions {r.shape}; they must match")
+    if e.shape != (r.shape[0],):
+        raise ValueError(f"{path}: energies have shape {e.shape}, expected [{r.shape[0]}] or [{r.shape[0]}, 1]")
+    return {"z": z.astype(np.int64), "R": r, "E": e, "F": f, "layout": layout}
+
+
+class MD17Dataset(IndexedDataset):
+    """Configurations of one molecule; items are ``Data(z int64 [N], pos float32 [N, 3] Angstrom,
+    energy float64 [1] kcal/mol, forces float32 [N, 3] kcal/mol/Angstrom, idx int64 [1])``.
+
+    Energies stay float64: absolute energies reach 1e4 to 1e5 kcal/mol, where float32 steps are
+    0.001 to 0.01 kcal/mol.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], molecule: str):
+        self.molecule = molecule
+        self._z = torch.as_tensor(arrays["z"], dtype=torch.long)
+        self._pos = torch.as_tensor(arrays["R"], dtype=torch.float32)
+        self._energy = torch.as_tensor(arrays["E"], dtype=torch.float64)
+        self._forces = torch.as_tensor(arrays["F"], dtype=torch.float32)
+        super().__init__(torch.arange(self._pos.shape[0]))
+
+    def _item(self, row: int) -> Data:
+        return Data(z=self._z.clone(), pos=self._pos[row].clone(), energy=self._energy[row:row + 1].clone(),
+                    forces=self._forces[row].clone(), idx=torch.tensor([row]))
+
+    @property
+    def energy(self) -> torch.Tensor:
+        """Energies of the configurations in this (sub)set, float64 [len] kcal/mol."""
+        return self._energy[self.rows]
+
+    def __repr__(self) -> str:
+        return f"MD17Dataset({self.molecule}, {len(self)} configurations)"
+
+
+def md17_default_path(molecule: str, source: str = "generated", data_dir=None) -> Path:
+    """Where ``load_md17`` looks: ``<data_dir>/md17/generated/<molecule>.npz`` or ``.../md17/npz/...``."""
+    folder = {"generated": "generated", "npz": "npz"}[source]
+    return data_dir_path(data_dir) / "md17" / folder / f"{md17_molecule_name(molecule)}.npz"
+
+
+def _check_md17_formula(arrays: dict[str, np.ndarray], molecule: str, path) -> None:
+    from ase import Atoms  # lazily: ase.build/ase.md are not needed to read data
+
+    formula = Atoms(numbers=arrays["z"]).get_chemical_formula(mode="hill")
+    if formula != MD17_FORMULAS[molecule]:
+        raise ValueError(f"{path} holds {formula}, but {molecule} is {MD17_FORMULAS[molecule]}: wrong file?")
+
+
+PYG_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def _download_md17_pyg(molecule: str, data_dir) -> Path:
+    """Download MD17's npz through torch_geometric.datasets.MD17's URL and raw-file layout.
+
+    The file lands where ``MD17(root=<data_dir>/md17/pyg, name=...)`` looks for it
+    (``<root>/<pyg name>/raw/<file>``), so PyG finds it too. Our reader then keeps float64 energies
+    and skips PyG's per-frame Python processing loop.
+    """
+    from torch_geometric.data import download_url
+    from torch_geometric.datasets import MD17
+
+    pyg_name = MD17_PYG_NAMES[molecule]
+    file_name = MD17.file_names[pyg_name]
+    raw_path = data_dir_path(data_dir) / "md17" / "pyg" / pyg_name / "raw" / file_name
+    if raw_path.is_file():
+        return raw_path
+    url = f"{MD17.gdml_url}/{file_name}"
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(PYG_DOWNLOAD_TIMEOUT_S)  # fail in seconds where packets are dropped
+    try:
+        return Path(download_url(url, str(raw_path.parent), log=False))
+    except (urllib.error.URLError, OSError) as error:
+        if raw_path.exists():  # a download cut off mid-way
+            raw_path.unlink()
+        raise ConnectionError(
+            f"could not download MD17 {molecule!r} for torch_geometric.datasets.MD17 from {url} "
+            f"({getattr(error, 'reason', error)}; no network?). Fix: on a machine with internet, download "
+            f"that file and put it at {raw_path} (PyG then uses it without downloading); or put any "
+            f"sGDML/rMD17 npz at {md17_default_path(molecule, 'npz', data_dir)} and use source='npz'; "
+            f"or generate GFN2-xTB data offline: python dimezbl_core.py generate-md17 --molecule {molecule}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def load_md17(molecule: str, source: str = "generated", data_dir=None, path=None) -> MD17Dataset:
+    """One MD17 molecule as a dataset of ``Data(z, pos [Angstrom], energy [kcal/mol], forces [kcal/mol/A])``.
+
+    source: 'generated' (GFN2-xTB data from ``generate_md17``, default ``<data_dir>/md17/generated/``),
+    'npz' (an sGDML or rMD17 npz, default ``<data_dir>/md17/npz/<molecule>.npz``), or 'pyg' (downloaded
+    via torch_geometric.datasets.MD17, needs internet). ``path`` overrides the file for 'generated'/'npz'.
+    """
+    molecule = md17_molecule_name(molecule)
+    if source not in MD17_SOURCES:
+        raise ValueError(f"unknown MD17 source {source!r}: choose one of {', '.join(MD17_SOURCES)}")
+    if source == "pyg":
+        if path is not None:
+            raise ValueError("path is for source='npz' or 'generated'; source='pyg' downloads its own file")
+        file_path = _download_md17_pyg(molecule, data_dir)
+    else:
+        file_path = Path(path) if path is not None else md17_default_path(molecule, source, data_dir)
+        if not file_path.is_file():
+            how = (f"generate it: python dimezbl_core.py generate-md17 --molecule {molecule} --n-configs 2000"
+                   if source == "generated"
+                   else f"put an sGDML or rMD17 npz there; get one from {md17_download_help(molecule)}")
+            raise FileNotFoundError(f"no MD17 {source} data for {molecule} at {file_path}: {how}")
+    arrays = read_md17_npz(file_path)
+    _check_md17_formula(arrays, molecule, file_path)
+    return MD17Dataset(arrays, molecule)
+
+
+# --- MD17 offline generator: starting geometries -------------------------------------------------
+
+MD17_ASE_G2_NAMES = {"benzene": "C6H6", "ethanol": "CH3CH2OH"}  # the two of the 8 in ase's g2 set
+
+# Bond lengths (Angstrom) for the hand-built starting geometries; typical organic values. They only
+# need to be close enough for the GFN2-xTB optimisation that follows to keep the bonding.
+_AROMATIC_CC_A, _CH_A, _OH_A, _NH_A = 1.39, 1.08, 0.97, 1.01
+_TETRAHEDRAL_DEG = 109.47
+
+
+def _place(a, b, c, bond_a: float, angle_deg: float, dihedral_deg: float) -> np.ndarray:
+    """Position of atom d with |cd| = bond_a, angle b-c-d and dihedral a-b-c-d (natural extension)."""
+    a, b, c = (np.asarray(p, dtype=float) for p in (a, b, c))
+    bc = (c - b) / np.linalg.norm(c - b)
+    normal = np.cross(b - a, bc)
+    normal /= np.linalg.norm(normal)
+    angle, dihedral = np.radians(angle_deg), np.radians(dihedral_deg)
+    local = np.array([-np.cos(angle), np.sin(angle) * np.cos(dihedral), np.sin(angle) * np.sin(dihedral)])
+    return c + bond_a * (np.column_stack([bc, np.cross(normal, bc), normal]) @ local)
+
+
+def _hexagon(center, radius_a: float, first_angle_deg: float) -> np.ndarray:
+    """Six ring atoms [6, 3] in the z = 0 plane, clockwise from ``first_angle_deg``."""
+    angles = np.radians(first_angle_deg - 60.0 * np.arange(6))
+    return np.column_stack([center[0] + radius_a * np.cos(angles), center[1] + radius_a * np.sin(angles),
+                            np.zeros(6)])
+
+
+def _radial(ring: np.ndarray, k: int, bond_a: float, center=None) -> np.ndarray:
+    """A substituent on ring atom k, pointing away from the ring centre."""
+    center = ring.mean(axis=0) if center is None else np.array([center[0], center[1], 0.0])
+    direction = ring[k] - center
+    return ring[k] + bond_a * direction / np.linalg.norm(direction)
+
+
+def _methyl_hydrogens(reference, parent, carbon) -> list[np.ndarray]:
+    return [_place(reference, parent, carbon, 1.09, _TETRAHEDRAL_DEG, dihedral) for dihedral in (60, 180, 300)]
+
+
+def _benzoic_ring_with_carboxyl():
+    """Ring (atom 0 carries COOH, atom 1 the ortho group) and the carboxyl atoms C, =O, O, H."""
+    ring = _hexagon((0.0, 0.0), _AROMATIC_CC_A, 90.0)
+    carbon = _radial(ring, 0, 1.48)
+    carbonyl_o = _place(ring[1], ring[0], carbon, 1.22, 123.0, 0.0)   # towards the ortho group
+    hydroxyl_o = _place(ring[1], ring[0], carbon, 1.34, 113.0, 180.0)
+    hydroxyl_h = _place(carbonyl_o, carbon, hydroxyl_o, _OH_A, 106.0, 0.0)  # syn O=C-O-H
+    return ring, [carbon, carbonyl_o, hydroxyl_o, hydroxyl_h]
+
+
+def _build_salicylic_acid():
+    ring, carboxyl = _benzoic_ring_with_carboxyl()
+    phenol_o = _radial(ring, 1, 1.36)
+    phenol_h = _place(ring[0], ring[1], phenol_o, _OH_A, 108.0, 0.0)  # H-bond to the carbonyl O
+    ring_h = [_radial(ring, k, _CH_A) for k in range(2, 6)]
+    return "C7O3H6", np.vstack([ring, carboxyl[0], carboxyl[1:3], phenol_o, carboxyl[3], phenol_h, ring_h])
+
+
+def _build_aspirin():
+    ring, carboxyl = _benzoic_ring_with_carboxyl()
+    ester_o = _radial(ring, 1, 1.38)
+    acetyl_c = _place(ring[0], ring[1], ester_o, 1.37, 118.0, 90.0)  # acetoxy out of the ring plane
+    acetyl_o = _place(ring[1], ester_o, acetyl_c, 1.20, 123.0, 0.0)  # Z ester
+    methyl_c = _place(ring[1], ester_o, acetyl_c, 1.50, 110.0, 180.0)
+    ring_h = [_radial(ring, k, _CH_A) for k in range(2, 6)]
+    return "C9O4H8", np.vstack([ring, carboxyl[0], acetyl_c, methyl_c, carboxyl[1:3], ester_o, acetyl_o,
+                                carboxyl[3], _methyl_hydrogens(ester_o, acetyl_c, methyl_c), ring_h])
+
+
+def _build_toluene():
+    ring = _hexagon((0.0, 0.0), _AROMATIC_CC_A, 90.0)
+    methyl_c = _radial(ring, 0, 1.51)
+    methyl_h = [_place(ring[1], ring[0], methyl_c, 1.09, _TETRAHEDRAL_DEG, d) for d in (90, 210, 330)]
+    return "C7H8", np.vstack([ring, methyl_c, methyl_h, [_radial(ring, k, _CH_A) for k in range(1, 6)]])
+
+
+def _build_naphthalene():
+    half_width = _AROMATIC_CC_A * np.sqrt(3.0) / 2.0  # two hexagons sharing the edge at x = 0
+    centers = [(-half_width, 0.0), (half_width, 0.0)]
+    left, right = (_hexagon(center, _AROMATIC_CC_A, 90.0) for center in centers)
+    # right ring atoms 4 (210 deg) and 5 (150 deg) are the shared left ring atoms 2 (-30 deg) and 1 (30 deg)
+    carbons = np.vstack([left, right[[0, 1, 2, 3]]])
+    hydrogens = [_radial(left, k, _CH_A, centers[0]) for k in (0, 3, 4, 5)]
+    hydrogens += [_radial(right, k, _CH_A, centers[1]) for k in (0, 1, 2, 3)]
+    return "C10H8", np.vstack([carbons, hydrogens])
+
+
+def _build_uracil():
+    ring = _hexagon((0.0, 0.0), 1.38, 90.0)  # N1, C2, N3, C4, C5, C6
+    substituents = [_radial(ring, 1, 1.22), _radial(ring, 3, 1.22),      # O2, O4
+                    _radial(ring, 0, _NH_A), _radial(ring, 2, _NH_A),    # H1, H3
+                    _radial(ring, 4, _CH_A), _radial(ring, 5, _CH_A)]    # H5, H6
+    return "NCNCCCOOHHHH", np.vstack([ring, substituents])
+
+
+def _build_malonaldehyde():
+    """Planar enol form O=CH-CH=CH-OH with its intramolecular O-H...O hydrogen bond (as in MD17)."""
+    central_c = np.zeros(3)
+    aldehyde_c = 1.42 * np.array([np.cos(np.radians(150)), np.sin(np.radians(150)), 0.0])
+    enol_c = 1.37 * np.array([np.cos(np.radians(30)), np.sin(np.radians(30)), 0.0])
+    aldehyde_o = aldehyde_c + 1.24 * np.array([np.cos(np.radians(100)), np.sin(np.radians(100)), 0.0])
+    enol_o = enol_c + 1.33 * np.array([np.cos(np.radians(80)), np.sin(np.radians(80)), 0.0])
+    bridge_h = enol_o + _OH_A * (aldehyde_o - enol_o) / np.linalg.norm(aldehyde_o - enol_o)
+    c_h = [central_c + np.array([0.0, -_CH_A, 0.0]),
+           aldehyde_c + _CH_A * np.array([np.cos(np.radians(210)), np.sin(np.radians(210)), 0.0]),
+           enol_c + _CH_A * np.array([np.cos(np.radians(-30)), np.sin(np.radians(-30)), 0.0])]
+    return "CCCOOHHHH", np.vstack([aldehyde_c, central_c, enol_c, aldehyde_o, enol_o, bridge_h, c_h])
+
+
+_MD17_BUILDERS = {
+    "aspirin": _build_aspirin, "malonaldehyde": _build_malonaldehyde, "naphthalene": _build_naphthalene,
+    "salicylic_acid": _build_salicylic_acid, "toluene": _build_toluene, "uracil": _build_uracil,
+}
+
+
+def md17_start_geometry(molecule: str):
+    """Unoptimised starting geometry (ase.Atoms, Angstrom): ase's g2 database for benzene and ethanol,
+    hand-built from bond lengths, angles and dihedrals for the other six. Returns (atoms, source)."""
+    from ase import Atoms
+    from ase.build import molecule as ase_molecule
+
+    molecule = md17_molecule_name(molecule)
+    if molecule in MD17_ASE_G2_NAMES:
+        atoms = ase_molecule(MD17_ASE_G2_NAMES[molecule])
+        source = f"ase.build.molecule({MD17_ASE_G2_NAMES[molecule]!r})"
+    else:
+        symbols, positions = _MD17_BUILDERS[molecule]()
+        atoms, source = Atoms(symbols, positions=positions), "hand-built (dimezbl data section)"
+    if atoms.get_chemical_formula(mode="hill") != MD17_FORMULAS[molecule]:
+        raise AssertionError(f"{molecule} start geometry is {atoms.get_chemical_formula(mode='hill')}")
+    return atoms, source
+
+
+BOND_CUTOFF_FACTOR = 1.2  # bonded if d < 1.2 * (sum of ase's covalent radii, Cordero et al. 2008)
+
+
+def bond_graph(atoms) -> set[tuple[int, int]]:
+    """Covalent bonds (i < j) of an ase.Atoms: d_ij < 1.2 * (r_cov_i + r_cov_j)."""
+    from ase.data import covalent_radii
+
+    positions = atoms.get_positions()
+    radii = covalent_radii[atoms.numbers]
+    distance = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    i, j = np.nonzero(np.triu(distance < BOND_CUTOFF_FACTOR * (radii[:, None] + radii[None]), k=1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+# --- MD17 offline generator: GFN2-xTB Langevin MD ------------------------------------------------
+
+XTB_METHOD = "GFN2-xTB"
+MD17_TEMPERATURE_K = 500.0       # MD17's MD temperature (Chmiela et al., Sci. Adv. 3, e1603015 (2017))
+MD17_TIMESTEP_FS = 0.5           # MD17's time step
+MD17_SAMPLE_EVERY = 20           # 10 fs between stored configurations: less correlated than every step
+MD17_EQUILIBRATION_STEPS = 2000  # 1 ps at 0.5 fs before the first stored configuration
+LANGEVIN_FRICTION_PER_FS = 0.01  # 1/fs (100 fs relaxation time), ase's documented example value
+OPTIMISATION_FMAX_EV_A = 0.01    # eV/Angstrom, BFGS on the starting geometry
+CHECKPOINT_EVERY = 100           # configurations between checkpoints
+
+
+def _ev_to_kcal_per_mol() -> float:
+    """eV -> kcal/mol from ase.units (CODATA 2014), the units tblite's ASE calculator uses."""
+    from ase import units
+
+    return 1.0 / (units.kcal / units.mol)
+
+
+def _limit_openmp_threads(num_threads: int) -> None:
+    """Set the OpenMP thread count tblite's libgomp uses from this thread on.
+
+    GFN2-xTB on a 9-atom molecule runs ~1 ms per step on one thread; with two OpenMP threads and
+    another process busy on a 2-core machine it slowed down 100-fold here, so the generator uses 1.
+    """
+    import tblite.interface  # noqa: F401 - loads libgomp
+
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(int(num_threads))
+    except (OSError, AttributeError):
+        LOG.info("could not set the OpenMP thread count (no libgomp); set OMP_NUM_THREADS=%d", num_threads)
+
+
+def xtb_calculator(num_threads: int = 1):
+    """tblite's ASE calculator for GFN2-xTB, silent (verbosity 0)."""
+    from tblite.ase import TBLite
+
+    _limit_openmp_threads(num_threads)
+    return TBLite(method=XTB_METHOD, verbosity=0)
+
+
+def optimise_md17_geometry(molecule: str, num_threads: int = 1):
+    """Starting geometry optimised with GFN2-xTB (BFGS to fmax 0.01 eV/A), bonding checked unchanged."""
+    from ase.optimize import BFGS
+
+    atoms, source = md17_start_geometry(molecule)
+    bonds_before = bond_graph(atoms)
+    atoms.calc = xtb_calculator(num_threads)
+    converged = BFGS(atoms, logfile=None).run(fmax=OPTIMISATION_FMAX_EV_A, steps=1000)
+    if not converged:
+        LOG.warning("%s: BFGS stopped before fmax %.3f eV/A", molecule, OPTIMISATION_FMAX_EV_A)
+    bonds_after = bond_graph(atoms)
+    if bonds_after != bonds_before:
+        raise RuntimeError(f"{molecule}: GFN2-xTB optimisation changed the bonding (lost "
+                           f"{sorted(bonds_before - bonds_after)}, gained {sorted(bonds_after - bonds_before)}): "
+                           "fix the starting geometry")
+    return atoms, source
+
+
+def _thermalize_momenta(atoms, temperature_k: float, rng) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature_k`` (K): ase >= 3.29 API, older name as fallback."""
+    try:
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # ase 3.23 - 3.28
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+        return
+    thermalize_momenta(atoms, temperature_k, rng=rng)
+
+
+def _software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("tblite", "ase", "numpy", "torch"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _state_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.stem + ".state.npz")
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write_generation_state(path: Path, settings: dict, frames: dict[str, list], atoms, rng,
+                            md_steps_done: int, wall_s: float) -> None:
+    """Checkpoint: the configurations so far plus the MD state (positions, momenta, RNG state)."""
+    _atomic_write_bytes(path, _npz_bytes(
+        R=np.array(frames["R"]).reshape(-1, len(atoms), 3), E=np.array(frames["E"]),
+        F=np.array(frames["F"]).reshape(-1, len(atoms), 3), md_step=np.array(frames["md_step"], dtype=np.int64),
+        temperature_k=np.array(frames["temperature_k"]), positions=atoms.get_positions(), momenta=atoms.get_momenta(),
+        rng_state=np.array(json.dumps(rng.bit_generator.state)),
+        settings=np.array(json.dumps(settings, sort_keys=True)),
+        md_steps_done=np.array(md_steps_done), wall_s=np.array(wall_s)))
+
+
+def _read_generation_state(path: Path, settings: dict):
+    """The checkpoint at ``path`` if its settings match, else (None, reason)."""
+    try:
+        with np.load(path, allow_pickle=False) as state:
+            stored = json.loads(str(state["settings"]))
+            data = {key: state[key] for key in state.files}
+    except Exception as error:  # noqa: BLE001 - unreadable checkpoints are reported and replaced
+        return None, f"checkpoint {path} is unreadable ({type(error).__name__}: {error})"
+    if stored != json.loads(json.dumps(settings, sort_keys=True)):
+        changed = sorted(key for key in set(stored) | set(settings) if stored.get(key) != settings.get(key))
+        return None, f"checkpoint {path} was made with other settings ({', '.join(changed)})"
+    return data, ""
+
+
+def generate_md17(molecule: str, n_configs: int, out_path=None, temperature_k: float = MD17_TEMPERATURE_K,
+                  timestep_fs: float = MD17_TIMESTEP_FS, sample_every: int = MD17_SAMPLE_EVERY, seed: int = 0,
+                  equilibration_steps: int = MD17_EQUILIBRATION_STEPS, resume: bool = True,
+                  progress: bool = True, friction_per_fs: float = LANGEVIN_FRICTION_PER_FS,
+                  checkpoint_every: int = CHECKPOINT_EVERY, num_threads: int = 1, data_dir=None) -> Path:
+    """Generate an MD17-style data set with GFN2-xTB: Langevin MD at ``temperature_k`` (K),
+    ``timestep_fs`` (fs) steps, one configuration stored every ``sample_every`` steps after
+    ``equilibration_steps``.
+
+    Writes ``out_path`` (default ``<data_dir>/md17/generated/<molecule>.npz``) in the sGDML layout:
+    E [M, 1] kcal/mol, F [M, N, 3] kcal/mol/Angstrom, R [M, N, 3] Angstrom, z [N], name, theory; plus
+    ``<name>.json`` (method, settings, versions, wall time) and ``<name>.state.npz`` (checkpoint with the
+    MD state). With ``resume=True`` a run continues from a checkpoint made with the same settings;
+    asking for more configurations than exist extends the trajectory.
+    """
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
+    from tqdm.auto import tqdm
+
+    molecule = md17_molecule_name(molecule)
+    if n_configs < 1 or sample_every < 1 or equilibration_steps < 0:
+        raise ValueError(f"need n_configs >= 1, sample_every >= 1, equilibration_steps >= 0; got "
+                         f"{n_configs}, {sample_every}, {equilibration_steps}")
+    out_path = Path(out_path) if out_path is not None else md17_default_path(molecule, "generated", data_dir)
+    state_path = _state_path(out_path)
+    settings = {"molecule": molecule, "method": XTB_METHOD, "temperature_k": float(temperature_k),
+                "timestep_fs": float(timestep_fs), "sample_every": int(sample_every), "seed": int(seed),
+                "equilibration_steps": int(equilibration_steps), "friction_per_fs": float(friction_per_fs),
+                "optimisation_fmax_ev_a": OPTIMISATION_FMAX_EV_A, "checkpoint_format": 1}
+    ev_to_kcal = _ev_to_kcal_per_mol()
+
+    atoms, geometry_source = optimise_md17_geometry(molecule, num_threads)
+    atoms.set_constraint(FixCom())  # keep the centre of mass in place (ase's advice over fixcm=True)
+    rng = np.random.default_rng(seed)
+    frames = {"R": [], "E": [], "F": [], "md_step": [], "temperature_k": []}
+    md_steps_done, wall_before = 0, 0.0
+    state, reason = (None, "resume=False") if not resume else (
+        _read_generation_state(state_path, settings) if state_path.exists() else (None, "no checkpoint"))
+    if state is not None:
+        frames = {key: list(state[key]) for key in frames}
+        atoms.set_positions(state["positions"], apply_constraint=False)
+        atoms.set_momenta(state["momenta"], apply_constraint=False)
+        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        md_steps_done, wall_before = int(state["md_steps_done"]), float(state["wall_s"])
+        LOG.info("%s: resuming from %d configurations in %s", molecule, len(frames["E"]), state_path)
+    else:
+        if resume and state_path.exists():
+            LOG.warning("%s: starting over: %s", molecule, reason)
+        _thermalize_momenta(atoms, temperature_k, rng)
+        Stationary(atoms)
+        ZeroRotation(atoms)
+    resumed_from = len(frames["E"])
+
+    dynamics = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_k,
+                        friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
+    start = time.perf_counter()
+
+    def checkpoint():
+        _write_generation_state(state_path, settings, frames, atoms, rng, md_steps_done,
+                                wall_before + time.perf_counter() - start)
+
+    bar = tqdm(total=n_configs, initial=min(resumed_from, n_configs), desc=f"{molecule} {XTB_METHOD} MD",
+               unit="config", disable=not progress)
+    try:
+        if md_steps_done < equilibration_steps:
+            dynamics.run(equilibration_steps - md_steps_done)
+            md_steps_done = equilibration_steps
+        sampling_start = time.perf_counter()
+        while len(frames["E"]) < n_configs:
+            dynamics.run(sample_every)
+            md_steps_done += sample_every
+            frames["R"].append(atoms.get_positions())
+            frames["E"].append(atoms.get_potential_energy() * ev_to_kcal)
+            frames["F"].append(atoms.get_forces(apply_constraint=False) * ev_to_kcal)
+            frames["md_step"].append(md_steps_done)
+            frames["temperature_k"].append(atoms.get_temperature())
+            bar.update(1)
+            if len(frames["E"]) % checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        LOG.warning("%s: interrupted; %d configurations kept in %s, run again to resume",
+                    molecule, len(frames["E"]), state_path)
+        raise
+    finally:
+        bar.close()
+    checkpoint()
+    end = time.perf_counter()
+    wall_s = wall_before + end - start
+
+    z = atoms.get_atomic_numbers().astype(np.int64)
+    n_atoms = len(z)
+    _atomic_write_bytes(out_path, _npz_bytes(
+        E=np.array(frames["E"][:n_configs]).reshape(-1, 1),
+        F=np.array(frames["F"][:n_configs]).reshape(-1, n_atoms, 3),
+        R=np.array(frames["R"][:n_configs]).reshape(-1, n_atoms, 3), z=z,
+        md_step=np.array(frames["md_step"][:n_configs], dtype=np.int64),
+        name=np.array(molecule), theory=np.array(f"{XTB_METHOD} (tblite), Langevin MD {temperature_k:g} K"),
+        type=np.array("d"), r_unit=np.array("Ang"), e_unit=np.array("kcal/mol")))
+    new_configs = max(0, min(n_configs, len(frames["E"])) - resumed_from)
+    _atomic_write_json(out_path.with_suffix(".json"), {
+        **settings, "n_configs": n_configs, "n_atoms": n_atoms, "md_steps": int(frames["md_step"][n_configs - 1]),
+        "langevin": "ase.md.langevin.Langevin with ase.constraints.FixCom", "start_geometry": geometry_source,
+        "resumed_from_configs": resumed_from, "wall_time_s": round(wall_s, 3),
+        "configs_per_s_sampling": round(new_configs / max(end - sampling_start, 1e-9), 3),
+        "mean_temperature_k": round(float(np.mean(frames["temperature_k"][:n_configs])), 1),
+        "units": {"E": "kcal/mol", "F": "kcal/mol/Angstrom", "R": "Angstrom"},
+        "ev_to_kcal_per_mol": ev_to_kcal, "software": _software_versions(), "openmp_threads": num_threads,
+        "note": "GFN2-xTB data generated offline, not the DFT data of MD17: comparable across models "
+                "here, not with the paper's absolute numbers",
+    })
+    return out_path
+
+
+# --- MD17 splits and command line ----------------------------------------------------------------
+
+def md17_split(n_total: int, n_train: int = 1000, n_valid: int = 1000, seed: int = 42):
+    """Seeded (train, valid, test) index arrays: ``n_train`` (DimeNet: 1,000), ``n_valid``, the rest test.
+
+    For small (smoke) data sets pass smaller ``n_train``/``n_valid`` explicitly.
+    """
+    if n_train < 1 or n_valid < 0 or n_train + n_valid >= n_total:
+        raise ValueError(f"md17_split: n_train={n_train} + n_valid={n_valid} must leave at least one test "
+                         f"configuration of n_total={n_total}; pass smaller n_train/n_valid for small data sets")
+    permutation = np.random.RandomState(seed).permutation(n_total)
+    return permutation[:n_train], permutation[n_train:n_train + n_valid], permutation[n_train + n_valid:]
+
+
+def generate_md17_main(argv: Sequence[str] | None = None) -> int:
+    """``dimezbl_core.py generate-md17``: GFN2-xTB MD17-style data sets, resumable, with progress bars."""
+    parser = argparse.ArgumentParser(
+        prog="dimezbl_core.py generate-md17",
+        description="Generate MD17-style data (GFN2-xTB via tblite, Langevin MD at 500 K) in the sGDML npz layout.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--molecule", choices=MD17_MOLECULES)
+    which.add_argument("--all", action="store_true", help="all 8 MD17 molecules of the paper")
+    parser.add_argument("--n-configs", type=int, default=2000)
+    parser.add_argument("--data-dir", default=None, help="default: $DIMEZBL_DATA_DIR or <repository>/data")
+    parser.add_argument("--out", default=None, help="output npz (only with --molecule)")
+    parser.add_argument("--temperature-k", type=float, default=MD17_TEMPERATURE_K)
+    parser.add_argument("--timestep-fs", type=float, default=MD17_TIMESTEP_FS)
+    parser.add_argument("--sample-every", type=int, default=MD17_SAMPLE_EVERY, help="MD steps between configurations")
+    parser.add_argument("--equilibration-steps", type=int, default=MD17_EQUILIBRATION_STEPS)
+    parser.add_argument("--friction-per-fs", type=float, default=LANGEVIN_FRICTION_PER_FS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads for tblite")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints and start over")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.out and args.all:
+        parser.error("--out names one file; use it with --molecule, not --all")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for molecule in (MD17_MOLECULES if args.all else (args.molecule,)):
+        path = generate_md17(molecule, args.n_configs, out_path=args.out, temperature_k=args.temperature_k,
+                             timestep_fs=args.timestep_fs, sample_every=args.sample_every, seed=args.seed,
+                             equilibration_steps=args.equilibration_steps, resume=not args.no_resume,
+                             progress=not args.no_progress, friction_per_fs=args.friction_per_fs,
+                             num_threads=args.threads, data_dir=args.data_dir)
+        print(f"{molecule}: {args.n_configs} configurations -> {path}")
+    return 0
+
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent
+
+# =============================================================================================
+# --- Training and evaluation: config, profiles, loop, EMA, checkpoints, metrics, provenance ---
+# =============================================================================================
+
+QM9_ENERGY_TARGETS = ("U0", "U", "H", "G")  # total (atomization) energies: ZBL enters in eV
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved with every run and checkpoint.
+
+    Defaults are DimeNet's protocol (DESIGN.md section 2); profiles override some fields.
+    Energies: QM9 targets in training units (eV for energies), MD17 in kcal/mol (forces
+    kcal/mol/A).
+    """
+
+    dataset: str = "qm9"  # "qm9" or "md17"
+    target: str = "U0"  # a QM9 target of QM9_TARGETS, or an MD17 molecule
+    zbl: bool = True  # False: the plain DimeNet baseline
+    profile: str = "custom"
+    model: dict = field(default_factory=dict)  # DimezblNet keyword overrides
+    md17_source: str = "generated"
+    n_train: Optional[int] = None  # None: DimeNet's sizes (QM9 110,000; MD17 1,000)
+    n_valid: Optional[int] = None  # None: QM9 10,000; MD17 1,000
+    n_test: Optional[int] = None  # None: the rest
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 3000
+    decay_rate: float = 0.01
+    decay_steps: int = 4_000_000
+    ema_decay: float = 0.999
+    grad_clip_norm: float = 1000.0
+    amsgrad_eps: float = 1e-7
+    max_steps: int = 3_000_000
+    max_wall_s: Optional[float] = None  # stop (and evaluate) after this much training time
+    eval_every: int = 10_000
+    checkpoint_every: Optional[int] = None  # None: at every evaluation
+    force_weight: float = 100.0  # rho of DimeNet's MD17 loss
+    # Subtracted from the targets (and so learnt as the residual): None is the dataset's default,
+    # "none" for QM9 as DimeNet, "mean_per_atom" for MD17's absolute energies (see target_offset).
+    target_offset: Optional[str] = None
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement (MD17)
+    seed: int = 0
+    split_seed: int = 42
+    out_dir: str = "results/runs"
+    data_dir: Optional[str] = None
+    device: str = "auto"
+    amp: bool = False  # bf16 autocast for energy-only training on CUDA
+    compile: bool = False  # torch.compile the model
+    dtype: str = "float32"
+
+    @property
+    def model_name(self) -> str:
+        return ("dimezblnet" if self.zbl else "dimenet") + (
+            "_pp" if self.model.get("variant") == "dimenet++" else ""
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        root = Path(self.out_dir)
+        if not root.is_absolute():
+            root = REPOSITORY_ROOT / root
+        return root / self.profile / self.dataset / self.target / f"{self.model_name}_seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+SMOKE_MODEL = dict(hidden_channels=32, num_blocks=2, num_bilinear=4, num_output_layers=2,
+                   num_after_skip=1, int_emb_size=16, basis_emb_size=4, out_emb_channels=32)  # fmt: skip
+
+PROFILES = {
+    # Minutes on 2 CPU cores: a shrunk model and small subsets; tables say so in their header.
+    "smoke": dict(
+        model=SMOKE_MODEL, batch_size=16, warmup_steps=50, max_steps=400, eval_every=100,
+        ema_decay=0.99, target_offset="auto",  # a 100-step EMA horizon; start near the data
+        qm9=dict(n_train=2000, n_valid=200, n_test=500),
+        md17=dict(n_train=200, n_valid=50, early_stopping_patience=None),
+    ),
+    # The full architecture; the budget goes into steps (a fixed wall-clock budget per model).
+    "cpu": dict(
+        model={}, batch_size=32, warmup_steps=300, max_steps=100_000, max_wall_s=1800.0,
+        target_offset="auto",
+        eval_every=250, qm9=dict(n_train=110_000, n_valid=1000, n_test=None),
+        md17=dict(n_train=1000, n_valid=500, early_stopping_patience=20),
+    ),
+    # DimeNet's protocol (GPU; days per model).
+    "paper": dict(
+        model={}, qm9=dict(), md17=dict(n_train=1000, n_valid=1000, early_stopping_patience=50,
+                                         eval_every=1000),
+    ),
+}  # fmt: skip
+
+
+def profile_config(profile: str, dataset: str, target: str, zbl: bool = True, seed: int = 0,
+                   **overrides) -> TrainConfig:
+    """The named config of a profile (smoke, cpu, paper) for one model; overrides win."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: use one of {sorted(PROFILES)}")
+    values = {k: v for k, v in PROFILES[profile].items() if k not in ("qm9", "md17")}
+    values.update(PROFILES[profile].get(dataset, {}))
+    values.update(dataset=dataset, target=target, zbl=zbl, seed=seed, profile=profile)
+    values["model"] = dict(values.get("model", {}))
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+# --- optimisation pieces ---
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """DimeNet's schedule: lr * min(1, (step + 1) / warmup) * decay_rate^(step / decay_steps)."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    return config.learning_rate * warmup * config.decay_rate ** (step / config.decay_steps)
+
+
+class ExponentialMovingAverage:
+    """EMA of the weights: ema <- decay * ema + (1 - decay) * weights after every step (as
+    DimeNet's tf.train.ExponentialMovingAverage without num_updates). Validation, test and the
+    best checkpoint use the EMA weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+    def copy_to(self, model: torch.nn.Module):
+        model.load_state_dict(self.shadow)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """CUDA when available (or asked for), the CPU otherwise."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+# --- data for training ---
+
+
+@dataclass
+class Batch:
+    z: Tensor
+    pos: Tensor
+    batch: Tensor
+    target: Tensor  # [B] in training units (QM9 target or MD17 energy minus offsets)
+    forces: Optional[Tensor] = None  # [N, 3] kcal/mol/A (MD17)
+    num_atoms: Optional[Tensor] = None  # [B]
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                        for k, v in dataclasses.asdict(self).items()})  # fmt: skip
+
+
+def raw_targets(samples, target_index: Optional[int] = None) -> Tensor:
+    """float64 [B]: the QM9 target `target_index` (training units) or the MD17 energy (kcal/mol)."""
+    if target_index is not None:
+        return torch.cat([s.y[:, target_index] for s in samples]).double()
+    return torch.cat([s.energy for s in samples]).double()
+
+
+def collate(samples, target_index: Optional[int] = None, offset=(0.0, 0.0)) -> Batch:
+    """Concatenate molecules (PyG `Data`) into one batch. The target is stored minus
+    offset[0] + offset[1] * num_atoms (per molecule, per atom; training units), subtracted in
+    float64 so that absolute MD17 energies (~1e5 kcal/mol) keep their precision."""
+    counts = torch.tensor([s.z.numel() for s in samples])
+    z = torch.cat([s.z for s in samples])
+    pos = torch.cat([s.pos for s in samples])
+    batch = torch.repeat_interleave(torch.arange(len(samples)), counts)
+    target = (raw_targets(samples, target_index) - offset[0] - offset[1] * counts).float()
+    forces = torch.cat([s.forces for s in samples]).float() if target_index is None else None
+    return Batch(z, pos, batch, target, forces=forces, num_atoms=counts)
+
+
+@torch.no_grad()
+def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256) -> Tensor:
+    """float64 [B]: the (switched) ZBL energy of each molecule in the ZBL module's unit."""
+    zbl = copy.deepcopy(zbl).cpu().double()
+    energies = []
+    for start in range(0, len(samples), chunk):
+        part = samples[start:start + chunk]
+        z = torch.cat([s.z for s in part])
+        pos = torch.cat([s.pos for s in part]).double()
+        batch = torch.repeat_interleave(torch.arange(len(part)), torch.tensor([s.z.numel() for s in part]))
+        edge_index = radius_graph(pos, batch, zbl.cutoff_a)
+        dist = (pos[edge_index[1]] - pos[edge_index[0]]).norm(dim=-1)
+        energies.append(scatter_sum(zbl(z, edge_index, dist), batch, len(part)))
+    return torch.cat(energies)
+
+
+QM9_INTENSIVE_TARGETS = ("mu", "homo", "lumo", "gap")  # the others grow with molecule size
+TARGET_OFFSETS = ("none", "mean", "mean_per_atom", "auto")
+
+
+def target_offset(samples, target_index, kind: str, zbl: Optional[ZBL] = None):
+    """(per molecule, per atom) offsets from the training set. "none": DimeNet's raw targets;
+    "mean": the mean target; "mean_per_atom": the mean target per atom times the atom count;
+    "auto": per atom for extensive targets and MD17 energies, the mean for intensive ones.
+    With a (fixed-weight) ZBL term the offsets are those of the target minus the ZBL energy, so
+    that DimezblNet, too, starts from the mean of what its network has to learn."""
+    if kind not in TARGET_OFFSETS:
+        raise ValueError(f"unknown target_offset {kind!r}: use one of {TARGET_OFFSETS}")
+    if kind == "none":
+        return (0.0, 0.0)
+    values = raw_targets(samples, target_index)
+    if zbl is not None and not isinstance(zbl.scale, nn.Parameter):
+        values = values - molecule_zbl_energies(samples, zbl)
+    counts = torch.tensor([s.z.numel() for s in samples], dtype=torch.float64)
+    if kind == "auto":
+        intensive = target_index is not None and QM9_TARGETS[target_index] in QM9_INTENSIVE_TARGETS
+        kind = "mean" if intensive else "mean_per_atom"
+    if kind == "mean":
+        return (float(values.mean()), 0.0)
+    return (0.0, float((values / counts).mean()))
+
+
+class RunData:
+    """Train/valid/test sets of one run with DimeNet's splits, and the batches of each step.
+
+    The order of training molecules is a function of (seed, epoch) only, so a resumed run sees
+    exactly the batches of an uninterrupted one. In a distributed run every rank takes its
+    share of each global batch (rank::world_size), like DistributedSampler with a shared seed.
+    """
+
+    def __init__(self, config: TrainConfig, zbl: Optional[ZBL] = None):
+        self.config = config
+        if config.dataset == "qm9":
+            if config.target not in QM9_TARGETS:
+                raise ValueError(f"unknown QM9 target {config.target!r}: use one of {QM9_TARGETS}")
+            full = load_qm9(config.data_dir)
+            split = subset_split(qm9_split(len(full), config.split_seed), config.n_train,
+                                 config.n_valid, config.n_test)  # fmt: skip
+            self.target_index = QM9_TARGETS.index(config.target)
+        elif config.dataset == "md17":
+            full = load_md17(config.target, source=config.md17_source, data_dir=config.data_dir)
+            n_train = config.n_train or 1000
+            n_valid = config.n_valid if config.n_valid is not None else 1000
+            train, valid, test = md17_split(len(full), n_train, n_valid, seed=config.split_seed)
+            split = (train, valid, test[: config.n_test] if config.n_test else test)
+            self.target_index = None
+        else:
+            raise ValueError(f"unknown dataset {config.dataset!r}: use 'qm9' or 'md17'")
+        self.train, self.valid, self.test = (full[np.asarray(s)] for s in split)
+        kind = config.target_offset or ("none" if config.dataset == "qm9" else "mean_per_atom")
+        train_samples = [self.train[i] for i in range(len(self.train))]
+        self.offset = target_offset(train_samples, self.target_index, kind, zbl)
+        if len(self.train) < config.batch_size:
+            raise ValueError(f"{len(self.train)} training molecules are fewer than one batch")
+
+    def _collate(self, samples) -> Batch:
+        return collate(samples, self.target_index, self.offset)
+
+    def train_batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        size = self.config.batch_size
+        per_epoch = len(self.train) // size
+        epoch, position = divmod(step, per_epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=generator)
+        indices = order[position * size:(position + 1) * size][rank::world_size]
+        return self._collate([self.train[int(i)] for i in indices])
+
+    def batches(self, subset, batch_size: Optional[int] = None):
+        size = batch_size or self.config.batch_size
+        for start in range(0, len(subset), size):
+            yield self._collate([subset[i] for i in range(start, min(start + size, len(subset)))])
+
+    def mean_predictor_mae(self, subset) -> dict:
+        """MAE of predicting the training mean (the bar a trained model must clear)."""
+        samples = [subset[i] for i in range(len(subset))]
+        train_mean = raw_targets([self.train[i] for i in range(len(self.train))], self.target_index).mean()
+        mae = {"energy": float((raw_targets(samples, self.target_index) - train_mean).abs().mean())}
+        if self.target_index is None:  # the mean force is zero
+            mae["forces"] = float(torch.cat([s.forces for s in samples]).abs().mean())
+        return mae
+
+
+# --- model, loss, evaluation ---
+
+
+def build_model(config: TrainConfig) -> DimezblNet:
+    kwargs = dict(config.model)
+    if config.dataset == "md17":
+        kwargs.setdefault("zbl_unit", "kcal/mol")
+    else:
+        kwargs.setdefault("zbl_unit", "eV")
+        # ZBL is an energy: for non-energy targets its weight is learnable and starts at 0
+        kwargs.setdefault("zbl_learnable_scale", config.target not in QM9_ENERGY_TARGETS)
+    return DimezblNet(zbl=config.zbl, **kwargs)
+
+
+def _energy_and_forces(module, batch: Batch, need_forces: bool, create_graph: bool):
+    pos = batch.pos.requires_grad_(True) if need_forces else batch.pos
+    energy = module(batch.z, pos, batch.batch)
+    if not need_forces:
+        return energy, None
+    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, -grad
+
+
+def compute_loss(module, batch: Batch, config: TrainConfig, amp: bool = False):
+    """MAE of the target (QM9), or DimeNet's MD17 loss MAE_E + rho * MAE_F."""
+    need_forces = batch.forces is not None
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and not need_forces):
+        energy, forces = _energy_and_forces(module, batch, need_forces, create_graph=True)
+    loss = (energy.float() - batch.target).abs().mean()
+    if need_forces:
+        loss = loss + config.force_weight * (forces - batch.forces).abs().mean()
+    return loss
+
+
+def evaluate(model, run_data: RunData, subset, device) -> dict:
+    """MAE and RMSE of energy (target) and forces over a subset, in training units."""
+    model.eval()
+    abs_e, sq_e, abs_f, sq_f, n_f = 0.0, 0.0, 0.0, 0.0, 0
+    for batch in run_data.batches(subset):
+        batch = batch.to(device)
+        need_forces = batch.forces is not None
+        with torch.set_grad_enabled(need_forces):
+            energy, forces = _energy_and_forces(model, batch, need_forces, create_graph=False)
+        error = (energy.detach() - batch.target).double()
+        abs_e, sq_e = abs_e + float(error.abs().sum()), sq_e + float((error**2).sum())
+        if need_forces:
+            error = (forces.detach() - batch.forces).double()
+            abs_f, sq_f, n_f = abs_f + float(error.abs().sum()), sq_f + float((error**2).sum()), n_f + error.numel()
+    n = len(subset)
+    metrics = {"energy_mae": abs_e / n, "energy_rmse": math.sqrt(sq_e / n)}
+    if n_f:
+        metrics.update(forces_mae=abs_f / n_f, forces_rmse=math.sqrt(sq_f / n_f))
+    model.train()
+    return metrics
+
+
+def to_reporting_units(metrics: dict, config: TrainConfig) -> dict:
+    """QM9: meV for the energy-like targets (one conversion, qm9_to_reporting_units); MD17:
+    kcal/mol and kcal/mol/A unchanged."""
+    if config.dataset != "qm9":
+        return dict(metrics)
+    return {k: float(qm9_to_reporting_units(v, config.target)) for k, v in metrics.items()}
+
+
+def reporting_unit(config: TrainConfig) -> dict:
+    if config.dataset == "qm9":
+        return {"energy": QM9_REPORTING_UNITS[config.target]}
+    return {"energy": "kcal/mol", "forces": "kcal/mol/A"}
+
+
+# --- checkpoints (atomic write, safe load) and provenance ---
+
+
+def atomic_torch_save(obj, path: Path):
+    """torch.save to a temporary file in the same directory, then rename: a checkpoint is
+    either the old one or the new one, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated or not a checkpoint
+        raise ValueError(f"checkpoint {path} is corrupt or not a DimezblNet checkpoint ({error}); "
+                         "delete it to start over, or resume from another one") from error
+
+
+def git_state() -> dict:
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=REPOSITORY_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+    try:
+        return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def hardware_description(device: torch.device) -> dict:
+    info = {"device": str(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def software_versions() -> dict:
+    import torch_geometric
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torch_geometric": torch_geometric.__version__, "numpy": np.__version__}  # fmt: skip
+
+
+def _json_dump_atomic(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or inf loss; the last good checkpoint is kept."""
+
+
+# --- the loop ---
+
+
+def _distributed_context():
+    """(rank, world_size) under torchrun (gloo on the CPU, nccl on CUDA), else (0, 1)."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(config: TrainConfig, resume: bool = True, progress: bool = True,
+          run_dir: Optional[Path] = None) -> dict:
+    """Train one model under DimeNet's protocol; returns the final metrics (also written to
+    <run_dir>/metrics.json). Resumes from <run_dir>/checkpoint_last.pt when it exists."""
+    from tqdm.auto import tqdm
+
+    rank, world_size = _distributed_context()
+    device = select_device(config.device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    run_dir = Path(run_dir) if run_dir is not None else config.run_dir
+    last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
+    torch.manual_seed(config.seed)
+    dtype = getattr(torch, config.dtype)
+    model = build_model(config).to(device=device, dtype=dtype)
+    ema = ExponentialMovingAverage(model, config.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, amsgrad=True,
+                                 eps=config.amsgrad_eps)  # fmt: skip
+    data = RunData(config, model.zbl)
+    state = {"step": 0, "best_valid": math.inf, "best_step": -1, "evals_since_best": 0,
+             "train_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0}  # fmt: skip
+    if resume and last_path.exists():
+        checkpoint = load_checkpoint(last_path)
+        if checkpoint["config"] != config.to_dict():
+            raise ValueError(f"{last_path} was written with another config; use another run "
+                             "directory or delete the checkpoint to start over")
+        model.load_state_dict(checkpoint["model"])
+        ema.shadow = checkpoint["ema"]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        state.update(checkpoint["state"])
+        if rank == 0:
+            print(f"resuming {run_dir} from step {state['step']}", flush=True)
+    elif rank == 0:
+        for stale in (run_dir / "learning_curve.csv", run_dir / "metrics.json"):
+            stale.unlink(missing_ok=True)
+    module = model
+    if world_size > 1:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+    if config.compile:
+        module = torch.compile(module, dynamic=True)
+    eval_model = copy.deepcopy(model)
+    checkpoint_every = config.checkpoint_every or config.eval_every
+    amp = config.amp and device.type == "cuda"
+
+    def save_last():
+        if rank == 0:
+            atomic_torch_save({"model": model.state_dict(), "ema": ema.shadow,
+                               "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                               "state": dict(state), "config": config.to_dict()}, last_path)  # fmt: skip
+
+    curve_path = run_dir / "learning_curve.csv"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _json_dump_atomic(config.to_dict(), run_dir / "config.json")
+        _truncate_curve(curve_path, state["step"])
+    bar = tqdm(total=config.max_steps, initial=state["step"], disable=not progress or rank != 0,
+               desc=f"{config.model_name} {config.dataset}/{config.target}", dynamic_ncols=True)  # fmt: skip
+    start = time.perf_counter() - state["train_time_s"]
+    stop_reason = "max_steps"
+    model.train()
+    while state["step"] < config.max_steps:
+        step = state["step"]
+        if config.max_wall_s is not None and time.perf_counter() - start > config.max_wall_s:
+            stop_reason = "max_wall_s"
+            break
+        batch = data.train_batch(step, rank, world_size).to(device)
+        lr = learning_rate_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = compute_loss(module, batch, config, amp)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss is {float(loss.detach())} at step {step} (training batch {step % max(1, len(data.train) // config.batch_size)} "
+                f"of epoch {step // max(1, len(data.train) // config.batch_size)}); nothing was updated and the last good checkpoint "
+                f"{last_path} is kept. Check the data of that batch, or lower the learning rate."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        ema.update(model)
+        state["step"] = step + 1
+        state["loss_sum"] += float(loss.detach())  # since the last evaluation
+        state["loss_count"] += 1
+        bar.update(1)
+        if state["step"] % config.eval_every == 0 or state["step"] == config.max_steps:
+            ema.copy_to(eval_model)
+            valid = evaluate(eval_model, data, data.valid, device)
+            score = valid["energy_mae"] + (config.force_weight * valid["forces_mae"]
+                                           if "forces_mae" in valid else 0.0)  # fmt: skip
+            improved = score < state["best_valid"]
+            if improved:
+                state.update(best_valid=score, best_step=state["step"], evals_since_best=0)
+                if rank == 0:
+                    atomic_torch_save({"model": ema.shadow, "config": config.to_dict(),
+                                       "step": state["step"], "valid": valid}, best_path)  # fmt: skip
+            else:
+                state["evals_since_best"] += 1
+            state["train_time_s"] = time.perf_counter() - start
+            row = {"step": state["step"], "lr": lr, "train_loss": state["loss_sum"] / state["loss_count"],
+                   **{f"valid_{k}": v for k, v in to_reporting_units(valid, config).items()},
+                   "wall_s": round(state["train_time_s"], 2)}  # fmt: skip
+            state.update(loss_sum=0.0, loss_count=0)
+            if rank == 0:
+                _append_curve(curve_path, row)
+            bar.set_postfix(loss=f"{row['train_loss']:.4g}", valid_mae=f"{row['valid_energy_mae']:.4g}",
+                            lr=f"{lr:.2e}")  # fmt: skip
+            patience = config.early_stopping_patience
+            if patience is not None and state["evals_since_best"] >= patience:
+                stop_reason = "early_stopping"
+                save_last()
+                break
+        if state["step"] % checkpoint_every == 0:
+            state["train_time_s"] = time.perf_counter() - start
+            save_last()
+    bar.close()
+    state["train_time_s"] = time.perf_counter() - start
+    save_last()
+    return finish_run(config, data, run_dir, device, state, stop_reason, model, rank, world_size)
+
+
+def _truncate_curve(path: Path, step: int):
+    """Drop learning-curve rows written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [r for r in rows if int(r["step"]) <= step]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as handle:
+            if kept:
+                writer = csv.DictWriter(handle, fieldnames=list(kept[0]))
+                writer.writeheader()
+                writer.writerows(kept)
+
+
+def _append_curve(path: Path, row: dict):
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
+               world_size=1) -> dict:
+    """Evaluate the best (EMA) model once on validation and test; write metrics and provenance."""
+    best_path = run_dir / "checkpoint_best.pt"
+    eval_model = build_model(config).to(device=device, dtype=getattr(torch, config.dtype))
+    eval_model.load_state_dict(load_checkpoint(best_path)["model"])
+    valid = to_reporting_units(evaluate(eval_model, data, data.valid, device), config)
+    test = to_reporting_units(evaluate(eval_model, data, data.test, device), config)
+    baseline = to_reporting_units(
+        {f"{k}_mae": v for k, v in data.mean_predictor_mae(data.test).items()}, config)
+    metrics = {"valid": valid, "test": test, "test_mean_predictor": baseline,
+               "units": reporting_unit(config), "best_step": state["best_step"],
+               "steps": state["step"], "stop_reason": stop_reason,
+               "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
+               "target_offset": {"per_molecule": data.offset[0], "per_atom": data.offset[1],
+                                 "unit": "training unit (eV for QM9 energies, kcal/mol MD17)"}}
+    if rank == 0:
+        _json_dump_atomic(metrics, run_dir / "metrics.json")
+        _json_dump_atomic({
+            "config": config.to_dict(), "seed": config.seed, "git": git_state(),
+            "software": software_versions(), "hardware": hardware_description(device),
+            "train_wall_time_s": round(state["train_time_s"], 2), "world_size": world_size,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "data": {"dataset": config.dataset, "target": config.target,
+                     "source": "qm9pack (QM9, B3LYP/6-31G(2df,p))" if config.dataset == "qm9"
+                     else f"MD17 source={config.md17_source}"},
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, run_dir / "provenance.json")  # fmt: skip
+    return metrics
+
+
+def evaluate_checkpoint(path, subset: str = "test", device: str = "auto") -> dict:
+    """Evaluate a saved (best or last) checkpoint on the valid or test set of its own config."""
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    target_device = select_device(device)
+    model = build_model(config).to(device=target_device, dtype=getattr(torch, config.dtype))
+    weights = checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"]
+    model.load_state_dict(weights)
+    data = RunData(config, model.zbl)
+    metrics = evaluate(model, data, getattr(data, subset), target_device)
+    return {"subset": subset, "metrics": to_reporting_units(metrics, config),
+            "units": reporting_unit(config)}  # fmt: skip
+
+
+def add_train_arguments(parser):
+    parser.add_argument("--dataset", choices=("qm9", "md17"), required=True)
+    parser.add_argument("--target", required=True, help="QM9 target (U0, mu, ...) or MD17 molecule")
+    parser.add_argument("--profile", default="smoke", choices=sorted(PROFILES))
+    parser.add_argument("--no-zbl", action="store_true", help="train the plain DimeNet baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    parser.add_argument("--out-dir", default=None, help="default results/runs")
+    parser.add_argument("--data-dir", default=None, help="default $DIMEZBL_DATA_DIR or data/")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a TrainConfig field, e.g. --set max_steps=100 "
+                        "--set 'model={\"hidden_channels\": 64}'")  # fmt: skip
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_arguments(args) -> TrainConfig:
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    for key in ("device", "out_dir", "data_dir"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return profile_config(args.profile, args.dataset, args.target, zbl=not args.no_zbl,
+                          seed=args.seed, **overrides)  # fmt: skip
+
+
+# =============================================================================================
+# --- Command-line entry ---
+# =============================================================================================
+
+
+def main(argv=None) -> int:
+    """`python dimezbl_core.py {train,evaluate,generate-md17,reproduce} ...` (see --help)."""
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate-md17"]:
+        return generate_md17_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python dimezbl_core.py", description="DimezblNet companion (DimeNet + ZBL)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_parser = sub.add_parser("train", help="train one model (resumes from its checkpoint)")
+    add_train_arguments(train_parser)
+    evaluate_parser = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    evaluate_parser.add_argument("--checkpoint", required=True)
+    evaluate_parser.add_argument("--subset", choices=("valid", "test"), default="test")
+    evaluate_parser.add_argument("--device", default="auto")
+    sub.add_parser("generate-md17", help="generate MD17-style data with GFN2-xTB (see its --help)")
+    reproduce = sub.add_parser("reproduce", help="regenerate Tables 1 and 2 (notebooks 01-05)")
+    reproduce.add_argument("--profile", default="smoke", choices=sorted(PROFILES))
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        config = config_from_arguments(args)
+        try:
+            metrics = train(config, resume=not args.no_resume, progress=not args.no_progress)
+        except TrainingDiverged as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
+        print(json.dumps(metrics, indent=2))
+    elif args.command == "evaluate":
+        print(json.dumps(evaluate_checkpoint(args.checkpoint, args.subset, args.device), indent=2))
+    elif args.command == "reproduce":
+        print(
+            "reproduce: the notebooks are not in this version yet (see the open issues); "
+            "nothing was run. Train single models with `python dimezbl_core.py train --help`.",
+            flush=True,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

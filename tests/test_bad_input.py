@@ -1,0 +1,115 @@
+"""Bad input raises a clear error naming the problem; nothing returns NaN silently (issue 3, acceptance list).
+
+Each case checks the exception type (ValueError or TypeError) and a keyword in the message.
+"""
+import pytest
+import torch
+
+import dimezbl_core as dc
+
+WATER_Z = torch.tensor([8, 1, 1], dtype=torch.long)
+WATER_POS = torch.tensor([[0.0, 0.0, 0.119262], [0.0, 0.763239, -0.477047], [0.0, -0.763239, -0.477047]],
+                         dtype=torch.float64)
+ERRORS = (ValueError, TypeError)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["zbl", "nozbl"])
+def model(request):
+    torch.manual_seed(0)
+    return dc.DimezblNet(hidden_channels=8, num_blocks=1, num_bilinear=2, zbl=request.param,
+                         output_initializer="glorot_orthogonal").double().eval()
+
+
+def call_both(model, z, pos, batch=None):
+    """Both public entry points must refuse the input; yields the two exception infos."""
+    infos = []
+    with pytest.raises(ERRORS) as info:
+        model(z, pos, batch)
+    infos.append(info)
+    with pytest.raises(ERRORS) as info:
+        model.energy_and_forces(z, pos, batch)
+    infos.append(info)
+    return infos
+
+
+def assert_message(infos, *keywords):
+    for info in infos:
+        msg = str(info.value).lower()
+        assert any(k in msg for k in keywords), f"message {str(info.value)!r} names none of {keywords}"
+
+
+def test_valid_input_works(model):
+    e, f = model.energy_and_forces(WATER_Z, WATER_POS)
+    assert torch.isfinite(e).all() and torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("bad", [0, 95, 118, -1, 1000])
+def test_unknown_atomic_numbers(model, bad):
+    z = WATER_Z.clone()
+    z[1] = bad
+    assert_message(call_both(model, z, WATER_POS), "atomic number")
+
+
+def test_supported_atomic_numbers_1_to_94(model):
+    # every element 1..94 is accepted (the embedding has 95 rows)
+    for zz in (1, 2, 9, 17, 35, 53, 79, 92, 94):
+        z = torch.tensor([zz, 1], dtype=torch.long)
+        pos = torch.tensor([[0.0, 0, 0], [0, 0, 1.2]], dtype=torch.float64)
+        assert torch.isfinite(model(z, pos)).all(), zz
+
+
+def test_coincident_atoms(model):
+    pos = WATER_POS.clone()
+    pos[2] = pos[1]
+    assert_message(call_both(model, WATER_Z, pos), "coincident")
+
+
+def test_coincident_atoms_in_a_batch_are_detected_per_molecule(model):
+    # the same coordinates in two different molecules of a batch are fine ...
+    z = torch.cat([WATER_Z, WATER_Z])
+    pos = torch.cat([WATER_POS, WATER_POS])
+    batch = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert torch.isfinite(model(z, pos, batch)).all()
+    # ... but two atoms on top of each other inside the second molecule are not
+    pos2 = pos.clone()
+    pos2[5] = pos2[3]
+    assert_message(call_both(model, z, pos2, batch), "coincident")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_coordinates(model, value):
+    pos = WATER_POS.clone()
+    pos[1, 2] = value
+    assert_message(call_both(model, WATER_Z, pos), "finite", "nan", "inf")
+
+
+def test_empty_molecule(model):
+    z = torch.zeros(0, dtype=torch.long)
+    pos = torch.zeros(0, 3, dtype=torch.float64)
+    assert_message(call_both(model, z, pos), "empty", "no atoms", "zero atoms")
+
+
+def test_pos_wrong_width(model):
+    assert_message(call_both(model, WATER_Z, WATER_POS[:, :2]), "shape", "[n, 3]", "(n, 3)")
+
+
+def test_pos_wrong_rank(model):
+    assert_message(call_both(model, WATER_Z, WATER_POS.reshape(-1)), "shape", "[n, 3]", "(n, 3)")
+
+
+def test_z_length_mismatch(model):
+    z = torch.tensor([8, 1], dtype=torch.long)
+    assert_message(call_both(model, z, WATER_POS), "shape", "length", "mismatch", "number of atoms")
+
+
+def test_z_wrong_rank(model):
+    assert_message(call_both(model, WATER_Z.reshape(3, 1), WATER_POS), "shape", "1-d", "1d", "dimension")
+
+
+def test_batch_length_mismatch(model):
+    batch = torch.tensor([0, 0], dtype=torch.long)
+    assert_message(call_both(model, WATER_Z, WATER_POS, batch), "batch")
+
+
+def test_float_atomic_numbers(model):
+    assert_message(call_both(model, WATER_Z.double(), WATER_POS), "int", "dtype", "atomic number")
