@@ -525,10 +525,12 @@ class ResidualLayer(nn.Module):
 class InteractionBlock(nn.Module):
     """Directional message passing of Eq. 3 with DimeNet's bilinear layer (Sec. 3.2).
 
-    m_ji' = f(h_ji) + sum_k sum_{l,a,b} W[a, l, b] a_SBF[kj, ji] W_sbf[l] (e_RBF[kj] W_rbf
-    (.) act(h_kj W_kj))[b]. W [emb, num_bilinear, emb] acts on the message of edge kj only, so
-    it is applied per edge before the gather to triplets; each triplet then only forms an
-    num_bilinear-term weighted sum (T/E ~ 15 fewer multiply-adds than per-triplet einsum).
+    m_ji[a] = f(h_ji) + sum_k sum_{l,b} W[a, l, b] s[kj, ji, l] x[kj, b], with s = a_SBF W_sbf
+    and x = e_RBF[kj] W_rbf (.) act(h_kj W_kj). Since W does not depend on the triplet, the
+    sum over k is taken first, A[ji, l, :] = sum_k s[kj, ji, l] x[kj, :] (one gather of x to
+    the triplets, num_bilinear scatters back to the edges), and W is applied once per edge:
+    E x 8 x 128 x 128 multiply-adds instead of PyG's T x 8 x 128 x 128 (T/E ~ 15 on QM9), and no
+    [T, 8, 128] intermediate kept for the backward pass.
     """
 
     def __init__(
@@ -562,14 +564,15 @@ class InteractionBlock(nn.Module):
         hidden, num_bilinear, _ = self.W.shape
         x_ji = self.act(self.lin_ji(x))
         x_kj = self.act(self.lin_kj(x)) * self.lin_rbf(rbf)  # [E, H]
-        # per edge: y[e, l, a] = sum_b W[a, l, b] x_kj[e, b]
-        y = (x_kj @ self.W.permute(2, 1, 0).reshape(hidden, num_bilinear * hidden)).view(
-            -1, num_bilinear, hidden
-        )
         sbf = self.lin_sbf(sbf)  # [T, num_bilinear]
-        # one batched [1 x num_bilinear] @ [num_bilinear x H] product per triplet
-        messages = torch.bmm(sbf.unsqueeze(1), y[idx_kj]).squeeze(1)  # [T, H]
-        h = x_ji + scatter_sum(messages, idx_ji, x.size(0))
+        gathered = x_kj[idx_kj]  # [T, H]
+        aggregated = torch.stack(  # A[ji, l, b] = sum_k sbf[kj, ji, l] x_kj[kj, b]: [E, L, H]
+            [scatter_sum(sbf[:, l, None] * gathered, idx_ji, x.size(0)) for l in range(num_bilinear)],
+            dim=1,
+        )
+        # m[ji, a] = sum_{l, b} A[ji, l, b] W[a, l, b]
+        w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
+        h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
         for layer in self.layers_before_skip:
             h = layer(h)
         h = self.act(self.lin(h)) + x

@@ -1,0 +1,588 @@
+"""Speed and memory of DimezblNet against PyTorch Geometric's DimeNet and DimeNet++, side by side (issue 6).
+
+One process, one run: PyG 2.8.1's ``DimeNet`` and ``DimeNetPlusPlus`` (unchanged) and ``dimezbl_core.DimezblNet``
+(DimeNet, DimeNet + ZBL, DimeNet++) with identical hyperparameters and identical weights (PyG's state dict loaded
+with ``load_pyg_dimenet_state_dict``; ``output_initializer="glorot_orthogonal"`` so that outputs are not zero),
+float32, on two workloads of 32 molecules:
+
+  qm9    the first 32 molecules of DimeNet's QM9 training split (``qm9_split()[0]``), real geometries;
+  md17   32 copies of the 21-atom aspirin start geometry (``md17_start_geometry("aspirin")``), each displaced by
+         seeded Gaussian noise (0.05 Angstrom per coordinate), i.e. MD17-sized molecules.
+
+Measured for every model and workload (median over timed repetitions after warm-up; molecules per second):
+
+  forward            energies, no autograd graph (``torch.no_grad``)
+  energy_train_step  energies, MAE loss, backward, Adam step
+  force_train_step   energies and forces F = -dE/dR with create_graph=True, loss MAE(E) + 100 MAE(F),
+                     backward, Adam step
+  md_inference       energies and forces without create_graph (what an MD driver calls)
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the step minus what was allocated before it. On
+CPU, the peak resident set size of this process during the step minus its resident size just before it: before
+each repetition free heap memory is returned to the OS (glibc ``malloc_trim``) and the kernel's high-water mark is
+reset (``echo 5 > /proc/self/clear_refs``); after it ``VmHWM`` is read from ``/proc/self/status``. This costs
+nothing, so it is taken on every repetition (timed ones included) and the largest value is reported. It counts
+what the OS sees (tensors, autograd buffers, allocator overhead), not bytes requested from torch's allocator.
+Adam's state is created before the first measurement so that it is not counted.
+
+HOW PyG's MODEL IS RUN. PyG's ``DimeNet.forward`` calls ``radius_graph`` (needs pyg-lib or torch-cluster) and
+``triplets`` (needs torch-sparse); neither extension is installable here. As in tests/test_pyg_equivalence.py,
+those two module-level names of ``torch_geometric.nn.models.dimenet`` are replaced by the pure-torch stand-ins of
+tests/_pyg_standins.py. The stand-ins are dense O(N^2) and O(E^2) (the triplet match of a QM9 batch builds 81 M
+booleans), far slower and bigger than the compiled extensions, so by default (``--pyg-graph cached``) their
+result is computed once per batch and then served from a cache: PyG's timings and memory then contain no graph
+construction at all, while our models build their graph in every call. This favours PyG. ``--pyg-graph standin``
+times the stand-ins as they are.
+
+Outputs are checked first: our energies and forces against PyG's on each workload, |ours - PyG| <= rtol * max|PyG|
+(rtol 1e-4, float32); any disagreement ends the run with exit status 1 before anything is timed.
+
+The last line is machine-readable (DimeNet on the qm9 workload; ratios are PyG time / our time, > 1 means we are
+faster; zbl_overhead = DimezblNet time / our DimeNet time - 1 for the force training step on qm9):
+
+  ratio_force_train_step=<x> ratio_energy_train_step=<y> zbl_overhead=<z>
+
+Run: .venv/bin/python bench/bench_dimenet.py [--json results/bench_dimenet.json]   (about 8-9 minutes on the
+2-core CPU of this project); --quick is a smoke check (4 molecules per batch, 1 repetition), not a measurement.
+"""
+import argparse
+import ctypes
+import datetime
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import dimezbl_core as dc  # noqa: E402
+from _pyg_standins import memoize_pyg_basis_forms, radius_graph_reference, triplets_reference  # noqa: E402
+from torch_geometric.nn.models import dimenet as pyg_dimenet  # noqa: E402
+
+# Published hyperparameters (DimeNet: Klicpera et al. 2020, DimeNet++: Klicpera et al. 2020b), as in
+# tests/test_pyg_equivalence.py.
+DIMENET_KW = dict(hidden_channels=128, out_channels=1, num_blocks=6, num_bilinear=8, num_spherical=7,
+                  num_radial=6, cutoff=5.0, envelope_exponent=5, num_before_skip=1, num_after_skip=2,
+                  num_output_layers=3)
+DIMENETPP_KW = dict(hidden_channels=128, out_channels=1, num_blocks=4, int_emb_size=64, basis_emb_size=8,
+                    out_emb_channels=256, num_spherical=7, num_radial=6, cutoff=5.0, envelope_exponent=5,
+                    num_before_skip=1, num_after_skip=2, num_output_layers=3)
+
+KINDS = ("forward", "energy_train_step", "force_train_step", "md_inference")
+WORKLOADS = ("qm9", "md17")
+FORCE_LOSS_WEIGHT = 100.0  # rho of DimeNet's MD17 loss MAE(E) + rho MAE(F); it does not change the cost
+LEARNING_RATE = 1e-5  # small: the weights barely move over the few timed steps
+MD17_DISPLACEMENT_A = 0.05  # standard deviation of the per-coordinate displacement of each aspirin copy
+AGREEMENT_RTOL = 1e-4  # float32 agreement with PyG, relative to the largest |PyG value|
+SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- Workloads ---
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    name: str
+    description: str
+    z: torch.Tensor  # int64 [N]
+    pos: torch.Tensor  # float32 [N, 3], Angstrom
+    batch: torch.Tensor  # int64 [N], sorted
+    energy_target: torch.Tensor  # float32 [B], seeded noise (the loss value does not matter, its cost does)
+    force_target: torch.Tensor  # float32 [N, 3]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_molecules(self) -> int:
+        return int(self.batch[-1]) + 1
+
+    def to(self, device):
+        for name in ("z", "pos", "batch", "energy_target", "force_target"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def concatenate(molecules, name, description, seed) -> Workload:
+    """molecules: list of (z int64 [n], pos [n, 3]) -> one batch, with graph statistics from the stand-ins."""
+    z = torch.cat([m[0] for m in molecules]).long()
+    pos = torch.cat([m[1] for m in molecules]).float()
+    batch = torch.cat([torch.full((len(m[0]),), b, dtype=torch.long) for b, m in enumerate(molecules)])
+    generator = torch.Generator().manual_seed(seed)
+    workload = Workload(name, description, z, pos, batch,
+                        torch.randn(len(molecules), generator=generator),
+                        torch.randn(pos.shape, generator=generator))
+    edge_index = radius_graph_reference(pos, r=DIMENET_KW["cutoff"], batch=batch, max_num_neighbors=10**9)
+    num_triplets = triplets_reference(edge_index, len(z))[-1].numel()
+    workload.stats = dict(molecules=len(molecules), atoms=len(z), edges=int(edge_index.shape[1]),
+                          triplets=int(num_triplets))
+    return workload
+
+
+def qm9_workload(batch_size: int) -> Workload:
+    dataset = dc.load_qm9()
+    train_indices = dc.qm9_split()[0][:batch_size]
+    molecules = [(item.z, item.pos) for item in (dataset[int(i)] for i in train_indices)]
+    return concatenate(molecules, "qm9", f"first {batch_size} molecules of the QM9 training split", SEED)
+
+
+def md17_workload(batch_size: int) -> Workload:
+    atoms, source = dc.md17_start_geometry("aspirin")
+    z = torch.as_tensor(atoms.numbers, dtype=torch.long)
+    base = torch.as_tensor(atoms.positions, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(SEED + 1)
+    molecules = [(z, base + MD17_DISPLACEMENT_A * torch.randn(base.shape, generator=generator, dtype=torch.float64))
+                 for _ in range(batch_size)]
+    return concatenate(molecules, "md17", f"{batch_size} x aspirin ({len(z)} atoms, {source} start geometry, "
+                       f"{MD17_DISPLACEMENT_A} A seeded displacements)", SEED + 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- PyG without its compiled extensions ---
+# ---------------------------------------------------------------------------------------------------------------
+class CachedStandins:
+    """radius_graph / triplets stand-ins whose results are computed once per distinct input and then reused."""
+
+    def __init__(self):
+        self.graphs, self.triplet_sets = [], []
+        self.hits = self.misses = 0
+
+    def radius_graph(self, x, r, batch=None, **kwargs):
+        for key_x, key_batch, key_r, edge_index in self.graphs:
+            if key_r == r and key_x.shape == x.shape and torch.equal(key_x, x.detach()) and (
+                    (batch is None and key_batch is None) or (batch is not None and key_batch is not None
+                                                               and torch.equal(key_batch, batch))):
+                self.hits += 1
+                return edge_index
+        self.misses += 1
+        edge_index = radius_graph_reference(x.detach(), r, batch, **kwargs)
+        self.graphs.append((x.detach().clone(), None if batch is None else batch.clone(), r, edge_index))
+        return edge_index
+
+    def triplets(self, edge_index, num_nodes):
+        for key_edges, key_nodes, result in self.triplet_sets:
+            if key_nodes == num_nodes and key_edges.shape == edge_index.shape and torch.equal(key_edges, edge_index):
+                self.hits += 1
+                return result
+        self.misses += 1
+        result = triplets_reference(edge_index, num_nodes)
+        self.triplet_sets.append((edge_index.clone(), num_nodes, result))
+        return result
+
+
+def patch_pyg(mode: str):
+    """Replace PyG's two extension-backed graph functions; returns the cache (None for mode "standin")."""
+    memoize_pyg_basis_forms()  # PyG's SphericalBasisLayer otherwise spends ~12 s in sympy per constructor
+    if mode == "cached":
+        cache = CachedStandins()
+        pyg_dimenet.radius_graph, pyg_dimenet.triplets = cache.radius_graph, cache.triplets
+        return cache
+    pyg_dimenet.radius_graph, pyg_dimenet.triplets = radius_graph_reference, triplets_reference
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- Models ---
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    key: str  # short name used in the tables and the JSON
+    label: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    reference: str  # key of the PyG model it is compared with
+
+
+def make_optimizer(model):
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    # create Adam's state now (zero gradients leave the weights unchanged) so that no measurement counts it
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def build_models(device) -> dict:
+    torch.manual_seed(SEED)
+    pyg = pyg_dimenet.DimeNet(output_initializer="glorot_orthogonal", **DIMENET_KW)
+    pyg_pp = pyg_dimenet.DimeNetPlusPlus(output_initializer="glorot_orthogonal", **DIMENETPP_KW)
+    ours = dc.DimezblNet(variant="dimenet", zbl=False, output_initializer="glorot_orthogonal", **DIMENET_KW)
+    ours_zbl = dc.DimezblNet(variant="dimenet", zbl=True, output_initializer="glorot_orthogonal", **DIMENET_KW)
+    ours_pp = dc.DimezblNet(variant="dimenet++", zbl=False, output_initializer="glorot_orthogonal", **DIMENETPP_KW)
+    for model, reference in ((ours, pyg), (ours_zbl, pyg), (ours_pp, pyg_pp)):
+        dc.load_pyg_dimenet_state_dict(model, reference.state_dict())
+    entries = {}
+    for key, label, model, reference in (
+            ("pyg_dimenet", "PyG DimeNet", pyg, "pyg_dimenet"),
+            ("ours_dimenet", "ours DimeNet", ours, "pyg_dimenet"),
+            ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl, "pyg_dimenet"),
+            ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp, "pyg_dimenetpp"),
+            ("ours_dimenetpp", "ours DimeNet++", ours_pp, "pyg_dimenetpp")):
+        model = model.float().to(device).train()
+        entries[key] = Entry(key, label, model, make_optimizer(model), reference)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- The four measured steps ---
+# ---------------------------------------------------------------------------------------------------------------
+def energy_and_forces(model, z, pos, batch, create_graph: bool):
+    """Energies [B] and forces [N, 3]; our model's own `energy_and_forces` when it has one (its fast path)."""
+    if hasattr(model, "energy_and_forces"):
+        energy, forces = model.energy_and_forces(z, pos, batch, create_graph=create_graph)
+        return energy.reshape(-1), forces
+    pos = pos.detach().requires_grad_(True)
+    energy = model(z, pos, batch).reshape(-1)
+    (gradient,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, -gradient
+
+
+def make_step(entry: Entry, workload: Workload, kind: str):
+    model, optimizer, w = entry.model, entry.optimizer, workload
+
+    def forward():
+        with torch.no_grad():
+            model(w.z, w.pos, w.batch)
+
+    def energy_train_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model(w.z, w.pos, w.batch).reshape(-1) - w.energy_target).abs().mean()
+        loss.backward()
+        optimizer.step()
+
+    def force_train_step():
+        optimizer.zero_grad(set_to_none=True)
+        energy, forces = energy_and_forces(model, w.z, w.pos, w.batch, create_graph=True)
+        loss = (energy - w.energy_target).abs().mean() + FORCE_LOSS_WEIGHT * (forces - w.force_target).abs().mean()
+        loss.backward()
+        optimizer.step()
+
+    def md_inference():
+        energy_and_forces(model, w.z, w.pos, w.batch, create_graph=False)
+
+    return {"forward": forward, "energy_train_step": energy_train_step, "force_train_step": force_train_step,
+            "md_inference": md_inference}[kind]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- Timing and peak memory of one repetition ---
+# ---------------------------------------------------------------------------------------------------------------
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def cpu_peak_memory_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        _status_kb("VmHWM")
+        return _LIBC is not None
+    except OSError:
+        return False
+
+
+def run_once(step, device: torch.device, measure_cpu_memory: bool):
+    """(seconds, peak bytes above the level before the step or None) of one call of `step`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return seconds, torch.cuda.max_memory_allocated(device) - before
+    if measure_cpu_memory:
+        _LIBC.malloc_trim(0)  # return freed heap to the OS so that the step's own peak shows in VmHWM
+        before_kb = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset the high-water mark to the current resident size
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    if not measure_cpu_memory:
+        return seconds, None
+    return seconds, (_status_kb("VmHWM") - before_kb) * 1024
+
+
+@dataclass
+class Measurement:
+    model: str
+    workload: str
+    kind: str
+    warmup: int
+    times_s: list = field(default_factory=list)
+    peak_bytes: list = field(default_factory=list)
+    loadavg_1min: list = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def peak_mb(self):
+        values = [b for b in self.peak_bytes if b is not None]
+        return max(values) / 2**20 if values else None
+
+    def as_dict(self, batch_size: int) -> dict:
+        return dict(model=self.model, workload=self.workload, kind=self.kind, warmup=self.warmup,
+                    repeats=len(self.times_s), times_s=self.times_s, median_s=self.median_s,
+                    molecules_per_s=batch_size / self.median_s, peak_memory_mb=self.peak_mb,
+                    peak_memory_mb_per_repetition=[None if b is None else b / 2**20 for b in self.peak_bytes],
+                    loadavg_1min=self.loadavg_1min)
+
+
+def measure_round_robin(entries, workload, kind, warmup, repeats, device, measure_cpu_memory, log):
+    """Warm-up, then `repeats` timed calls of each entry, interleaved (A B C A B C ...) so that a change of the
+    machine's load during the run affects every model alike. Memory is read on warm-up and timed calls."""
+    steps = {e.key: make_step(e, workload, kind) for e in entries}
+    results = {e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
+    peaks = {e.key: [] for e in entries}
+    for _ in range(warmup):
+        for e in entries:
+            peaks[e.key].append(run_once(steps[e.key], device, measure_cpu_memory)[1])
+    for _ in range(repeats):
+        for e in entries:
+            results[e.key].loadavg_1min.append(round(os.getloadavg()[0], 2))
+            seconds, peak = run_once(steps[e.key], device, measure_cpu_memory)
+            results[e.key].times_s.append(seconds)
+            peaks[e.key].append(peak)
+    for e in entries:
+        results[e.key].peak_bytes = peaks[e.key]
+        m = results[e.key]
+        log(f"  {workload.name:5s} {kind:18s} {e.label:30s} median {m.median_s:8.3f} s of "
+            f"{', '.join(f'{t:.3f}' for t in m.times_s)} (warm-up {warmup}), peak "
+            f"{'n/a' if m.peak_mb is None else f'{m.peak_mb:.0f} MB'}, load {m.loadavg_1min}")
+    return list(results.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- Agreement with PyG ---
+# ---------------------------------------------------------------------------------------------------------------
+def check_agreement(entries, workload, rtol, log) -> bool:
+    """Our energies and forces against PyG's (zbl=False models only; the ZBL model adds a different energy)."""
+    ok = True
+    outputs = {}
+    for key in ("pyg_dimenet", "ours_dimenet", "pyg_dimenetpp", "ours_dimenetpp"):
+        energy, forces = energy_and_forces(entries[key].model, workload.z, workload.pos, workload.batch, False)
+        outputs[key] = (energy.detach(), forces.detach())
+    for ours, pyg in (("ours_dimenet", "pyg_dimenet"), ("ours_dimenetpp", "pyg_dimenetpp")):
+        for index, quantity in enumerate(("energy", "forces")):
+            reference, value = outputs[pyg][index], outputs[ours][index]
+            scale = float(reference.abs().max())
+            error = float((value - reference).abs().max())
+            finite = bool(torch.isfinite(value).all() and torch.isfinite(reference).all())
+            passed = finite and scale > 0 and error <= rtol * scale
+            ok &= passed
+            log(f"  {workload.name:5s} {entries[ours].label:16s} {quantity:6s}: max |ours - PyG| = {error:.3e}, "
+                f"max |PyG| = {scale:.3e}, relative {error / scale if scale else float('nan'):.2e} "
+                f"{'ok' if passed else 'FAIL'} (rtol {rtol:g})")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --- Report ---
+# ---------------------------------------------------------------------------------------------------------------
+def provenance(args, device) -> dict:
+    def git(*command):
+        try:
+            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch_geometric
+
+    with open(os.path.join(REPO, "dimezbl_core.py"), "rb") as source:
+        core_sha256 = hashlib.sha256(source.read()).hexdigest()
+    return dict(
+        command=" ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable]
+                         + sys.argv),
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+        dimezbl_core_sha256=core_sha256, torch=torch.__version__, torch_geometric=torch_geometric.__version__,
+        python=platform.python_version(), device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(), dtype="float32",
+        loadavg_at_start=[round(x, 2) for x in os.getloadavg()], pyg_graph=args.pyg_graph,
+    )
+
+
+def format_table(rows, header) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions of our models and PyG DimeNet++ (default 5; median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls of those models (default 1)")
+    parser.add_argument("--pyg-dimenet-repeats", type=int, default=1,
+                        help="timed repetitions of PyG DimeNet (default 1; ~26 s / 64 s per energy / force step)")
+    parser.add_argument("--pyg-dimenet-warmup", type=int, default=0,
+                        help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check before the "
+                             "timings already ran its forward and backward once on the same batch)")
+    parser.add_argument("--pyg-dimenet-md17-kinds", default="force_train_step,md_inference",
+                        help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, 'all' or 'none' "
+                             "(default force_train_step,md_inference: the MD17 use; the rest would exceed 10 minutes)")
+    parser.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default 32; 4 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke check: 4 molecules per batch, no warm-up, 1 repetition (not a measurement)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--pyg-graph", choices=("cached", "standin"), default="cached",
+                        help="PyG's radius_graph/triplets: stand-in results cached per batch (default; no graph "
+                             "cost in PyG's timings) or the dense stand-ins run in every call")
+    parser.add_argument("--rtol", type=float, default=AGREEMENT_RTOL, help="agreement tolerance (default 1e-4)")
+    parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.pyg_dimenet_repeats, args.pyg_dimenet_warmup = 1, 0, 1, 0
+    batch_size = args.batch_size or (4 if args.quick else 32)
+    if min(args.repeats, args.pyg_dimenet_repeats) < 1 or min(args.warmup, args.pyg_dimenet_warmup) < 0:
+        parser.error("repeats must be >= 1 and warm-up >= 0")
+    pyg_md17_kinds = (KINDS if args.pyg_dimenet_md17_kinds == "all" else () if args.pyg_dimenet_md17_kinds == "none"
+                      else tuple(k for k in KINDS if k in args.pyg_dimenet_md17_kinds.split(",")))
+    unknown = set(args.pyg_dimenet_md17_kinds.split(",")) - set(KINDS) - {"all", "none"}
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)} in --pyg-dimenet-md17-kinds: use {', '.join(KINDS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    wall_start = time.perf_counter()
+
+    def log(message=""):
+        print(f"[{time.perf_counter() - wall_start:6.1f} s] {message}" if message else "", flush=True)
+
+    info = provenance(args, device)
+    log(f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
+        f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32")
+    log(f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
+        f"{info['dimezbl_core_sha256'][:12]}; load average {info['loadavg_at_start']} at start")
+    measure_cpu_memory = device.type == "cpu" and cpu_peak_memory_supported()
+    if device.type == "cpu" and not measure_cpu_memory:
+        log("peak memory: /proc/self/clear_refs or glibc not available, CPU peak memory is not measured")
+
+    cache = patch_pyg(args.pyg_graph)
+    entries = build_models(device)
+    workloads = {"qm9": qm9_workload(batch_size).to(device), "md17": md17_workload(batch_size).to(device)}
+    for w in workloads.values():
+        s = w.stats
+        log(f"workload {w.name}: {w.description}; {s['atoms']} atoms, {s['edges']} edges, {s['triplets']} triplets "
+            f"({s['atoms'] / s['molecules']:.1f} / {s['edges'] / s['molecules']:.0f} / "
+            f"{s['triplets'] / s['molecules']:.0f} per molecule)")
+    log(f"repetitions: our models and PyG DimeNet++ {args.warmup} warm-up + {args.repeats} timed (interleaved); "
+        f"PyG DimeNet {args.pyg_dimenet_warmup} warm-up + {args.pyg_dimenet_repeats} timed, on md17 only "
+        f"{', '.join(pyg_md17_kinds) or 'nothing'}")
+    log(f"PyG graph: {args.pyg_graph} stand-ins" + (" (computed once per batch, then no graph cost)"
+                                                     if args.pyg_graph == "cached" else " (run in every call)"))
+
+    log("agreement with PyG (energy and forces, float32):")
+    agree = all([check_agreement(entries, w, args.rtol, log) for w in workloads.values()])
+    if not agree:
+        print("FAIL: our outputs disagree with PyG's (see above); no timings taken", file=sys.stderr, flush=True)
+        return 1
+
+    measurements = []
+    fast = [entries[k] for k in ("ours_dimenet", "ours_dimezbl", "ours_dimenetpp", "pyg_dimenetpp")]
+    for workload in workloads.values():
+        for kind in KINDS:
+            measurements += measure_round_robin(fast, workload, kind, args.warmup, args.repeats, device,
+                                                measure_cpu_memory, log)
+            if workload.name == "qm9" or kind in pyg_md17_kinds:
+                measurements += measure_round_robin([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
+                                                    args.pyg_dimenet_repeats, device, measure_cpu_memory, log)
+    wall_s = time.perf_counter() - wall_start
+
+    # --- tables ---
+    by_key = {(m.model, m.workload, m.kind): m for m in measurements}
+    print()
+    print(f"Throughput (molecules/s, batch of {batch_size}, median) and peak memory (MB"
+          f"{', CPU resident set above the level before the step' if device.type == 'cpu' else ', CUDA allocated'})")
+    rows = []
+    for m in measurements:
+        rows.append([m.workload, m.kind, entries[m.model].label, f"{m.median_s:.3f}", f"{batch_size / m.median_s:.2f}",
+                     "n/a" if m.peak_mb is None else f"{m.peak_mb:.0f}", f"{m.warmup}+{len(m.times_s)}"])
+    print(format_table(rows, ["workload", "kind", "model", "median s", "mol/s", "peak MB", "warm-up+timed"]))
+
+    print()
+    print("Ours vs PyG: throughput ratio = PyG time / our time (> 1: we are faster); memory ratio = ours / PyG")
+    ratios, rows = {}, []
+    for workload in WORKLOADS:
+        for kind in KINDS:
+            for ours, pyg in (("ours_dimenet", "pyg_dimenet"), ("ours_dimenetpp", "pyg_dimenetpp")):
+                a, b = by_key.get((ours, workload, kind)), by_key.get((pyg, workload, kind))
+                if a is None or b is None:
+                    rows.append([workload, kind, entries[ours].label, "not measured (PyG)", "", ""])
+                    continue
+                ratio = b.median_s / a.median_s
+                memory = a.peak_mb / b.peak_mb if a.peak_mb and b.peak_mb else None
+                ratios[f"{ours}/{workload}/{kind}"] = dict(throughput_ratio=ratio, memory_ratio=memory)
+                rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x",
+                             "n/a" if memory is None else f"{memory:.2f}",
+                             "n/a" if memory is None else ("ok" if memory <= 1 else "ABOVE PyG")])
+    print(format_table(rows, ["workload", "kind", "model", "throughput ratio", "memory ratio", "memory"]))
+
+    print()
+    print("ZBL overhead = DimezblNet time / our DimeNet time - 1 (same weights, interleaved repetitions)")
+    zbl_overhead, rows = {}, []
+    for workload in WORKLOADS:
+        for kind in KINDS:
+            plain, with_zbl = by_key[("ours_dimenet", workload, kind)], by_key[("ours_dimezbl", workload, kind)]
+            zbl_overhead[f"{workload}/{kind}"] = with_zbl.median_s / plain.median_s - 1
+            rows.append([workload, kind, f"{plain.median_s:.3f}", f"{with_zbl.median_s:.3f}",
+                         f"{100 * zbl_overhead[f'{workload}/{kind}']:+.1f} %"])
+    print(format_table(rows, ["workload", "kind", "DimeNet s", "DimezblNet s", "overhead"]))
+
+    loadavg_end = [round(x, 2) for x in os.getloadavg()]
+    print()
+    print(f"wall time {wall_s:.0f} s; load average {info['loadavg_at_start']} at start, {loadavg_end} at end "
+          f"(other processes on the machine slow every model alike only if they run the whole time)")
+    if cache is not None:
+        print(f"PyG graph cache: {cache.misses} stand-in computations, {cache.hits} cached results served")
+    if args.json:
+        report = dict(provenance=dict(info, loadavg_at_end=loadavg_end, wall_s=wall_s, batch_size=batch_size,
+                                      repeats=args.repeats, warmup=args.warmup,
+                                      pyg_dimenet_repeats=args.pyg_dimenet_repeats,
+                                      pyg_dimenet_warmup=args.pyg_dimenet_warmup,
+                                      pyg_dimenet_md17_kinds=list(pyg_md17_kinds),
+                                      memory_measure="cuda max_memory_allocated" if device.type == "cuda" else
+                                      "CPU VmHWM - VmRSS (malloc_trim, clear_refs 5)" if measure_cpu_memory else None),
+                      workloads={w.name: dict(description=w.description, **w.stats) for w in workloads.values()},
+                      measurements=[m.as_dict(batch_size) for m in measurements], ratios=ratios,
+                      zbl_overhead=zbl_overhead)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+        print(f"numbers and provenance written to {args.json}")
+    print(f"ratio_force_train_step={ratios['ours_dimenet/qm9/force_train_step']['throughput_ratio']:.3f} "
+          f"ratio_energy_train_step={ratios['ours_dimenet/qm9/energy_train_step']['throughput_ratio']:.3f} "
+          f"zbl_overhead={zbl_overhead['qm9/force_train_step']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
