@@ -2185,6 +2185,7 @@ class RunData:
         kind = config.target_offset or ("none" if config.dataset == "qm9" else "mean_per_atom")
         train_samples = [self.train[i] for i in range(len(self.train))]
         self.offset = target_offset(train_samples, self.target_index, kind, zbl)
+        self.elements = torch.cat([s.z for s in train_samples]).unique().tolist()
         if len(self.train) < config.batch_size:
             raise ValueError(f"{len(self.train)} training molecules are fewer than one batch")
 
@@ -2461,7 +2462,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True,
                 state.update(best_valid=score, best_step=state["step"], evals_since_best=0)
                 if rank == 0:
                     atomic_torch_save({"model": ema.shadow, "config": config.to_dict(),
-                                       "step": state["step"], "valid": valid}, best_path)  # fmt: skip
+                                       "step": state["step"], "valid": valid,
+                                       "offset": list(data.offset), "elements": data.elements},
+                                      best_path)  # fmt: skip
             else:
                 state["evals_since_best"] += 1
             state["train_time_s"] = time.perf_counter() - start
@@ -2585,6 +2588,85 @@ def config_from_arguments(args) -> TrainConfig:
             overrides[key] = getattr(args, key)
     return profile_config(args.profile, args.dataset, args.target, zbl=not args.no_zbl,
                           seed=args.seed, **overrides)  # fmt: skip
+
+
+# =============================================================================================
+# --- ASE calculator ---
+# =============================================================================================
+
+
+def energy_unit_in_ev(unit: str) -> float:
+    """One `unit` of energy in eV: the single place where model units meet ASE's eV."""
+    if unit == "eV":
+        return 1.0
+    if unit == "kcal/mol":
+        return 1.0 / _ev_to_kcal_per_mol()
+    raise ValueError(f"unknown energy unit {unit!r}: use 'eV' or 'kcal/mol'")
+
+
+def _ase_calculator_base():
+    from ase.calculators.calculator import Calculator
+
+    return Calculator
+
+
+class DimezblCalculator(_ase_calculator_base()):
+    """ASE calculator for a trained DimezblNet / DimeNet: energy (eV), forces (eV/A) and per-atom
+    energies (eV). `DimezblCalculator.from_checkpoint(path)` loads a best checkpoint safely;
+    the model's energy unit (kcal/mol for MD17, eV for QM9 energies) is converted to ASE's eV
+    here and nowhere else. Inference runs in float64 by default (energy conservation in MD).
+
+    `offset` = (per molecule, per atom) in the model's unit is added back to the energy (the
+    training target offsets); `elements` limits the calculator to the trained elements.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, model: DimezblNet, energy_unit: Optional[str] = None, offset=(0.0, 0.0),
+                 elements=None, device: str = "cpu", dtype=torch.float64, **kwargs):
+        super().__init__(**kwargs)
+        if model.out_channels != 1:
+            raise ValueError("the calculator needs an energy model (out_channels = 1)")
+        self.device = select_device(device)
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
+        unit = energy_unit or (model.zbl.unit if model.zbl is not None else model.hparams["zbl_unit"])
+        self.energy_unit, self.ev_per_unit = unit, energy_unit_in_ev(unit)
+        self.offset = (float(offset[0]), float(offset[1]))
+        self.elements = None if elements is None else sorted(int(e) for e in elements)
+        self.dtype = dtype
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", **kwargs) -> "DimezblCalculator":
+        checkpoint = load_checkpoint(path)
+        config = TrainConfig.from_dict(checkpoint["config"])
+        if config.dataset == "qm9" and config.target not in QM9_ENERGY_TARGETS:
+            raise ValueError(f"checkpoint {path} predicts {config.target}, not an energy: the "
+                             f"calculator needs a model of U0, U, H, G or an MD17 molecule")
+        model = build_model(config)
+        model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
+        return cls(model, offset=checkpoint.get("offset", (0.0, 0.0)),
+                   elements=checkpoint.get("elements"), device=device, **kwargs)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        from ase.calculators.calculator import all_changes
+
+        super().calculate(atoms, properties, system_changes or all_changes)
+        numbers = self.atoms.get_atomic_numbers()
+        if self.elements is not None:
+            unknown = sorted(set(numbers.tolist()) - set(self.elements))
+            if unknown:
+                raise ValueError(f"elements {unknown} were not in the training data of this model "
+                                 f"(trained on Z = {self.elements})")
+        z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
+        pos = torch.as_tensor(self.atoms.get_positions(), dtype=self.dtype, device=self.device)
+        pos.requires_grad_(True)
+        atomic = self.model.atomic_energies(z, pos)  # model unit
+        (grad,) = torch.autograd.grad(atomic.sum(), pos)
+        atomic = atomic.detach() + self.offset[1] + self.offset[0] / len(numbers)
+        energies = atomic.cpu().double().numpy() * self.ev_per_unit
+        self.results["energies"] = energies
+        self.results["energy"] = self.results["free_energy"] = float(energies.sum())
+        self.results["forces"] = -grad.cpu().double().numpy() * self.ev_per_unit
 
 
 # =============================================================================================

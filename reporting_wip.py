@@ -146,7 +146,8 @@ PROFILE_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2), "paper": (0, 1, 2)}
 # GFN2-xTB configurations generated per MD17 molecule: n_train + n_valid + the test set
 # (smoke 200 + 50 + 150; cpu 1,000 + 500 + 1,000; paper 1,000 + 1,000 + 10,000 as Sec. 4.3).
 MD17_CONFIGS_PER_PROFILE = {"smoke": 400, "cpu": 2500, "paper": 12_000}
-_IGNORED_WHEN_REUSING = ("device",)  # config fields that do not change what a finished run measured
+# Config fields that do not change what a finished run measured (out_dir: results may move).
+_IGNORED_WHEN_REUSING = ("device", "out_dir")
 
 
 def profile_seeds(profile: str) -> tuple:
@@ -199,8 +200,8 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
     overrides: TrainConfig fields (e.g. max_steps=20, n_train=64, device="cpu"); None values
     mean "the profile's". Runs go to <results_dir>/runs/<profile>/<dataset>/<target>/.
 
-    Resumable: a run whose metrics.json exists with the same config is reused without training;
-    an interrupted run resumes from its checkpoint (dc.train). A run directory holding another
+    Resumable: a run whose metrics.json and checkpoint_best.pt exist with the same config is
+    reused without training; an interrupted run resumes from its checkpoint (dc.train). A run directory holding another
     config is an error unless overwrite=True (then it is trained again from scratch).
     MD17 (source "generated"): the GFN2-xTB data are generated first where missing, with
     md17_configs configurations (None: MD17_CONFIGS_PER_PROFILE of the profile).
@@ -243,12 +244,16 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                     raise ValueError(
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "
                         "pass overwrite=True to train it again, or use another results_dir")
-                if not mismatch and metrics_path.exists():
-                    if progress:
-                        print(f"reusing {run_dir} (metrics.json with the same config)", flush=True)
+                if not mismatch and metrics_path.exists() and (run_dir / "checkpoint_best.pt").exists():
+                    print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
                     continue
                 resume = not mismatch
-            dc.train(config, resume=resume, progress=progress)
+            start = time.perf_counter()
+            metrics = dc.train(config, resume=resume, progress=progress)
+            test = ", ".join(f"{k} {v:.4g} {metrics['units'][k.split('_')[0]]}"
+                             for k, v in metrics["test"].items() if k.endswith("_mae"))
+            print(f"trained {_relative_to_results(run_dir, results_dir)} in {time.perf_counter() - start:.0f} s: "
+                  f"test MAE {test}", flush=True)
     runs = collect_runs(profile, dataset, results_dir)
     keep = runs["target"].isin(targets) & runs["model"].isin(list(models)) & runs["seed"].isin(seeds)
     return runs[keep].reset_index(drop=True)
@@ -976,7 +981,8 @@ def plot_zbl_pair_energies(elements: Sequence[str] = ("H", "C", "N", "O", "F"), 
 
 def plot_learning_curves(runs: pd.DataFrame, quantity: str = "energy", results_dir=None, name=None):
     """Validation MAE (EMA weights) against the training step, one panel per target, one line per
-    (model, seed), from each run's learning_curve.csv; log scale, units of the tables."""
+    (model, seed), from each run's learning_curve.csv; units of the tables, log scale where the
+    values span more than a decade."""
     if runs.empty:
         raise ValueError("no runs to plot: train them first (run_models)")
     column = f"valid_{quantity}_mae"
@@ -986,6 +992,7 @@ def plot_learning_curves(runs: pd.DataFrame, quantity: str = "energy", results_d
     fig, axes = _figure(ncols, nrows, width=3.6, height=2.9)
     for ax, target in zip(axes.flat, targets):
         rows = runs[runs["target"] == target]
+        values = []
         for row in rows.itertuples(index=False):
             curve = pd.read_csv(results_path(results_dir, row.run_dir, "learning_curve.csv"))
             if column not in curve:
@@ -994,8 +1001,11 @@ def plot_learning_curves(runs: pd.DataFrame, quantity: str = "energy", results_d
             ax.plot(curve["step"], curve[column], color=MODEL_COLORS[row.model], marker=".",
                     linestyle=["-", "--", ":", "-."][row.seed % 4],
                     label=f"{MODEL_LABELS[row.model]} seed {row.seed}")
+            values += curve[column].tolist()
         unit = rows[f"{quantity}_unit"].iloc[0]
-        ax.set(yscale="log", xlabel="training step", ylabel=f"valid MAE ({unit})", title=str(target))
+        spans_a_decade = min(values) > 0 and max(values) / min(values) > 10
+        ax.set(yscale="log" if spans_a_decade else "linear", xlabel="training step",
+               ylabel=f"valid MAE ({unit})", title=str(target))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(targets):]:
         ax.set_visible(False)
@@ -1102,9 +1112,9 @@ def reproduce(profile: str = "smoke", results_dir=None, data_dir=None, device: s
               kernel_name: str = KERNEL_NAME, progress: bool = True) -> list:
     """Run the notebooks in order with papermill, executed copies to <results_dir>/executed/.
 
-    Every notebook gets profile, data_dir, device and results_dir, plus `parameters` (e.g.
-    targets, molecules, seeds, train_overrides, md17_configs), each only where its parameters
-    cell declares it; a parameter no notebook declares is an error. Notebooks run with cwd
+    Every notebook gets profile, data_dir, device, results_dir and progress_bars=False, plus
+    `parameters` (e.g. targets, molecules, seeds, train_overrides, md17_configs), each only where
+    its parameters cell declares it; a parameter no notebook declares is an error. Notebooks run with cwd
     notebooks/ (as in JupyterLab). Raises NotebookFailed naming the notebook and cell.
     Returns the executed notebooks' paths.
     """
@@ -1113,9 +1123,11 @@ def reproduce(profile: str = "smoke", results_dir=None, data_dir=None, device: s
     if profile not in dc.PROFILES:
         raise ValueError(f"unknown profile {profile!r}: use one of {sorted(dc.PROFILES)}")
     values = {"profile": profile, "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
-              "device": device, "results_dir": str(results_path(results_dir)), **(parameters or {})}
+              "device": device, "results_dir": str(results_path(results_dir)),
+              "progress_bars": False,  # nobody watches them here; they would fill the executed copies
+              **(parameters or {})}
     declared = {name: set(papermill.inspect_notebook(str(NOTEBOOK_DIR / name))) for name in notebooks}
-    unused = sorted(set(values) - set().union(*declared.values()))
+    unused = sorted(set(parameters or {}) - set().union(*declared.values()))
     if unused:
         raise ValueError(f"parameters {unused} are declared by none of the notebooks {list(notebooks)}")
     executed_dir = results_path(results_dir, "executed")

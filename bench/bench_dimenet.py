@@ -9,7 +9,7 @@ float32, on two workloads of 32 molecules:
   md17   32 copies of the 21-atom aspirin start geometry (``md17_start_geometry("aspirin")``), each displaced by
          seeded Gaussian noise (0.05 Angstrom per coordinate), i.e. MD17-sized molecules.
 
-Measured for every model and workload (median over timed repetitions after warm-up; molecules per second):
+Measured for every model and workload (molecules per second from the median of the timed calls):
 
   forward            energies, no autograd graph (``torch.no_grad``)
   energy_train_step  energies, MAE loss, backward, Adam step
@@ -17,13 +17,21 @@ Measured for every model and workload (median over timed repetitions after warm-
                      backward, Adam step
   md_inference       energies and forces without create_graph (what an MD driver calls)
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the step minus what was allocated before it. On
-CPU, the peak resident set size of this process during the step minus its resident size just before it: before
-each repetition free heap memory is returned to the OS (glibc ``malloc_trim``) and the kernel's high-water mark is
-reset (``echo 5 > /proc/self/clear_refs``); after it ``VmHWM`` is read from ``/proc/self/status``. This costs
-nothing, so it is taken on every repetition (timed ones included) and the largest value is reported. It counts
-what the OS sees (tensors, autograd buffers, allocator overhead), not bytes requested from torch's allocator.
-Adam's state is created before the first measurement so that it is not counted.
+Repetitions. Our three models and PyG DimeNet++ run interleaved (A B C D A B C D ...), so that a change of the
+machine's load affects them alike: 1 warm-up round, then timed rounds, at least 1 and at most 5, a further one only
+while the (workload, kind)'s timed rounds have taken under 20 s and the run is younger than 480 s; the qm9 force
+training step of our DimeNet and DimezblNet gets at least 3 paired rounds (the ZBL overhead is the median of their
+paired time ratios). PyG DimeNet (26 s / 64 s per energy / force training step on 2 cores) gets 1 timed call per
+kind and no warm-up of its own (the agreement check has already run its forward and backward on the same batch),
+and on md17 only the force training step and MD inference. The repetitions actually used are printed.
+
+Peak memory: the peak, during one call, of the memory allocated during that call and not yet freed (activations,
+autograd buffers, gradients; not the weights, the batch or Adam's state, which is created before any measurement).
+CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call. CPU: the running sum of the
+allocation and free records of torch's CPU allocator, from ``torch.profiler`` with ``profile_memory=True``. The
+profiler slows small operations, so it is used on the warm-up call of the fast models, never on their timed calls;
+for PyG DimeNet (no warm-up) it is its timed call, where a few thousand large operations of a 10-60 s step make
+the profiler's cost negligible.
 
 HOW PyG's MODEL IS RUN. PyG's ``DimeNet.forward`` calls ``radius_graph`` (needs pyg-lib or torch-cluster) and
 ``triplets`` (needs torch-sparse); neither extension is installable here. As in tests/test_pyg_equivalence.py,
@@ -42,13 +50,13 @@ faster; zbl_overhead = DimezblNet time / our DimeNet time - 1 for the force trai
 
   ratio_force_train_step=<x> ratio_energy_train_step=<y> zbl_overhead=<z>
 
-Run: .venv/bin/python bench/bench_dimenet.py [--json results/bench_dimenet.json]   (about 8-9 minutes on the
-2-core CPU of this project); --quick is a smoke check (4 molecules per batch, 1 repetition), not a measurement.
+Run: .venv/bin/python bench/bench_dimenet.py [--json results/bench_dimenet.json]   (under 10 minutes on this
+project's idle 2-core CPU); --quick is a smoke check (2 molecules per batch, 1 repetition), not a measurement.
 """
 import argparse
-import ctypes
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -58,7 +66,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "3")  # the profiler used for CPU peak memory is chatty otherwise
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -272,31 +281,28 @@ def make_step(entry: Entry, workload: Workload, kind: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --- Timing and peak memory of one repetition ---
+# --- Timing and peak memory ---
 # ---------------------------------------------------------------------------------------------------------------
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+def _cpu_peak_allocated(step):
+    """Run `step` under torch.profiler (profile_memory=True); return the peak over the call of the bytes that torch's
+    CPU allocator handed out during the call and that were not yet freed (None if the profiler gives no records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:  # the raw allocation records: +bytes per allocation, -bytes per free of a block allocated while profiling
+        records = [e for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:
+        return None
+    records.sort(key=lambda e: e.start_ns())
+    return max(itertools.accumulate(e.nbytes() for e in records), default=0)
 
 
-def _status_kb(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-def cpu_peak_memory_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        _status_kb("VmHWM")
-        return _LIBC is not None
-    except OSError:
-        return False
-
-
-def run_once(step, device: torch.device, measure_cpu_memory: bool):
-    """(seconds, peak bytes above the level before the step or None) of one call of `step`."""
+def call(step, device: torch.device, with_memory: bool):
+    """(seconds, peak bytes or None) of one call of `step`. With `with_memory`, the peak of memory allocated during
+    the call (CUDA: max_memory_allocated minus what was allocated before; CPU: profiler records, which slow the
+    call a little, so timed calls of the fast models never ask for it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -305,18 +311,10 @@ def run_once(step, device: torch.device, measure_cpu_memory: bool):
         step()
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        return seconds, torch.cuda.max_memory_allocated(device) - before
-    if measure_cpu_memory:
-        _LIBC.malloc_trim(0)  # return freed heap to the OS so that the step's own peak shows in VmHWM
-        before_kb = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # reset the high-water mark to the current resident size
+        return seconds, (torch.cuda.max_memory_allocated(device) - before) if with_memory else None
     start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    if not measure_cpu_memory:
-        return seconds, None
-    return seconds, (_status_kb("VmHWM") - before_kb) * 1024
+    peak = _cpu_peak_allocated(step) if with_memory else step()
+    return time.perf_counter() - start, peak
 
 
 @dataclass
@@ -326,8 +324,9 @@ class Measurement:
     kind: str
     warmup: int
     times_s: list = field(default_factory=list)
-    peak_bytes: list = field(default_factory=list)
-    loadavg_1min: list = field(default_factory=list)
+    loadavg_1min: list = field(default_factory=list)  # at the start of each timed call
+    peak_bytes: int = None
+    memory_from: str = None  # "warm-up call" or "timed call (profiled)"
 
     @property
     def median_s(self) -> float:
@@ -335,39 +334,61 @@ class Measurement:
 
     @property
     def peak_mb(self):
-        values = [b for b in self.peak_bytes if b is not None]
-        return max(values) / 2**20 if values else None
+        return None if self.peak_bytes is None else self.peak_bytes / 2**20
 
     def as_dict(self, batch_size: int) -> dict:
         return dict(model=self.model, workload=self.workload, kind=self.kind, warmup=self.warmup,
                     repeats=len(self.times_s), times_s=self.times_s, median_s=self.median_s,
                     molecules_per_s=batch_size / self.median_s, peak_memory_mb=self.peak_mb,
-                    peak_memory_mb_per_repetition=[None if b is None else b / 2**20 for b in self.peak_bytes],
-                    loadavg_1min=self.loadavg_1min)
+                    memory_from=self.memory_from, loadavg_1min=self.loadavg_1min)
 
 
-def measure_round_robin(entries, workload, kind, warmup, repeats, device, measure_cpu_memory, log):
-    """Warm-up, then `repeats` timed calls of each entry, interleaved (A B C A B C ...) so that a change of the
-    machine's load during the run affects every model alike. Memory is read on warm-up and timed calls."""
-    steps = {e.key: make_step(e, workload, kind) for e in entries}
-    results = {e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
-    peaks = {e.key: [] for e in entries}
-    for _ in range(warmup):
+class Runner:
+    """Runs groups of models on one (workload, kind), interleaved (A B C A B C ...) so that a change of the
+    machine's load during the run affects every model of the group alike.
+
+    Per group: `warmup` untimed rounds (peak memory is taken on the last), then timed rounds: the first always,
+    further ones (up to `repeats`) while the group's timed rounds have taken less than `budget_s` and the whole
+    run is younger than `deadline_s`."""
+
+    def __init__(self, device, deadline_s, log):
+        self.device, self.deadline_s, self.log, self.start = device, deadline_s, log, time.perf_counter()
+        self.skipped_rounds = 0
+
+    def past_deadline(self) -> bool:
+        return time.perf_counter() - self.start >= self.deadline_s
+
+    def group(self, entries, workload, kind, warmup, repeats, budget_s=float("inf"), into=None, optional=False):
+        """Measurements {key: Measurement}; `into` continues existing ones (extra rounds; `optional`: even the
+        first extra round is skipped past the deadline)."""
+        steps = {e.key: make_step(e, workload, kind) for e in entries}
+        results = into if into is not None else {e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
+        for round_index in range(warmup):
+            for e in entries:
+                last = round_index == warmup - 1
+                peak = call(steps[e.key], self.device, with_memory=last)[1]
+                if last:
+                    results[e.key].peak_bytes, results[e.key].memory_from = peak, "warm-up call"
+        group_start, rounds = time.perf_counter(), 0
+        while rounds < repeats:
+            if (rounds or optional) and (time.perf_counter() - group_start >= budget_s or self.past_deadline()):
+                self.skipped_rounds += repeats - rounds if self.past_deadline() else 0
+                break
+            for e in entries:
+                m = results[e.key]
+                with_memory = m.peak_bytes is None and m.memory_from is None
+                m.loadavg_1min.append(round(os.getloadavg()[0], 2))
+                seconds, peak = call(steps[e.key], self.device, with_memory)
+                m.times_s.append(seconds)
+                if with_memory:
+                    m.peak_bytes, m.memory_from = peak, "timed call (profiled)"
+            rounds += 1
         for e in entries:
-            peaks[e.key].append(run_once(steps[e.key], device, measure_cpu_memory)[1])
-    for _ in range(repeats):
-        for e in entries:
-            results[e.key].loadavg_1min.append(round(os.getloadavg()[0], 2))
-            seconds, peak = run_once(steps[e.key], device, measure_cpu_memory)
-            results[e.key].times_s.append(seconds)
-            peaks[e.key].append(peak)
-    for e in entries:
-        results[e.key].peak_bytes = peaks[e.key]
-        m = results[e.key]
-        log(f"  {workload.name:5s} {kind:18s} {e.label:30s} median {m.median_s:8.3f} s of "
-            f"{', '.join(f'{t:.3f}' for t in m.times_s)} (warm-up {warmup}), peak "
-            f"{'n/a' if m.peak_mb is None else f'{m.peak_mb:.0f} MB'}, load {m.loadavg_1min}")
-    return list(results.values())
+            m = results[e.key]
+            self.log(f"  {workload.name:5s} {kind:18s} {e.label:30s} median {m.median_s:8.3f} s of "
+                     f"{', '.join(f'{t:.3f}' for t in m.times_s)} (warm-up {m.warmup}), peak "
+                     f"{'n/a' if m.peak_mb is None else f'{m.peak_mb:.0f} MB'}, load {m.loadavg_1min}")
+        return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,56 +456,77 @@ def format_table(rows, header) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repetitions of our models and PyG DimeNet++ (default 5; median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls of those models (default 1)")
+                        help="most timed repetitions of our models and PyG DimeNet++ per workload and kind "
+                             "(default 5; fewer when --group-budget-s or --deadline-s is reached, at least 1)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed warm-up calls of those models per workload and kind (default 1; peak memory "
+                             "is measured on the last one)")
+    parser.add_argument("--group-budget-s", type=float, default=20.0,
+                        help="no further timed round of a (workload, kind) once its timed rounds took this long "
+                             "(default 20 s)")
+    parser.add_argument("--zbl-repeats", type=int, default=3,
+                        help="at least this many interleaved timed repetitions of our DimeNet and DimezblNet for the "
+                             "qm9 force training step, the ZBL overhead (default 3; extra ones skipped past the "
+                             "deadline)")
     parser.add_argument("--pyg-dimenet-repeats", type=int, default=1,
-                        help="timed repetitions of PyG DimeNet (default 1; ~26 s / 64 s per energy / force step)")
+                        help="timed repetitions of PyG DimeNet (default 1; it takes ~26 s / 64 s per energy / force "
+                             "training step on 2 cores)")
     parser.add_argument("--pyg-dimenet-warmup", type=int, default=0,
-                        help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check before the "
-                             "timings already ran its forward and backward once on the same batch)")
+                        help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check has already run "
+                             "its forward and backward on the same batch; its peak memory is then profiled in the "
+                             "timed call, where the profiler costs well under 1%% of a 10-60 s step)")
     parser.add_argument("--pyg-dimenet-md17-kinds", default="force_train_step,md_inference",
-                        help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, 'all' or 'none' "
-                             "(default force_train_step,md_inference: the MD17 use; the rest would exceed 10 minutes)")
-    parser.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default 32; 4 with --quick)")
+                        help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, or all or none "
+                             "(default force_train_step,md_inference, MD17's uses; all four would exceed 10 minutes)")
+    parser.add_argument("--deadline-s", type=float, default=480.0,
+                        help="after this many seconds only the first timed repetition of each measurement is taken "
+                             "(default 480, so that the run ends within 10 minutes on this project's 2-core CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="molecules per batch (default 32; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 4 molecules per batch, no warm-up, 1 repetition (not a measurement)")
+                        help="smoke check: 2 molecules per batch, no warm-up, 1 repetition (not a measurement)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--pyg-graph", choices=("cached", "standin"), default="cached",
                         help="PyG's radius_graph/triplets: stand-in results cached per batch (default; no graph "
-                             "cost in PyG's timings) or the dense stand-ins run in every call")
+                             "cost in PyG's numbers) or the dense stand-ins run in every call")
     parser.add_argument("--rtol", type=float, default=AGREEMENT_RTOL, help="agreement tolerance (default 1e-4)")
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup, args.pyg_dimenet_repeats, args.pyg_dimenet_warmup = 1, 0, 1, 0
-    batch_size = args.batch_size or (4 if args.quick else 32)
-    if min(args.repeats, args.pyg_dimenet_repeats) < 1 or min(args.warmup, args.pyg_dimenet_warmup) < 0:
-        parser.error("repeats must be >= 1 and warm-up >= 0")
-    pyg_md17_kinds = (KINDS if args.pyg_dimenet_md17_kinds == "all" else () if args.pyg_dimenet_md17_kinds == "none"
-                      else tuple(k for k in KINDS if k in args.pyg_dimenet_md17_kinds.split(",")))
-    unknown = set(args.pyg_dimenet_md17_kinds.split(",")) - set(KINDS) - {"all", "none"}
+        args.repeats, args.warmup, args.zbl_repeats, args.pyg_dimenet_repeats, args.pyg_dimenet_warmup = 1, 0, 1, 1, 0
+    args.batch_size = args.batch_size or (2 if args.quick else 32)
+    if min(args.repeats, args.pyg_dimenet_repeats, args.zbl_repeats, args.batch_size) < 1:
+        parser.error("--repeats, --pyg-dimenet-repeats, --zbl-repeats and --batch-size must be at least 1")
+    if min(args.warmup, args.pyg_dimenet_warmup) < 0:
+        parser.error("warm-up counts must be at least 0")
+    names = args.pyg_dimenet_md17_kinds.split(",")
+    unknown = set(names) - set(KINDS) - {"all", "none"}
     if unknown:
-        parser.error(f"unknown kinds {sorted(unknown)} in --pyg-dimenet-md17-kinds: use {', '.join(KINDS)}")
+        parser.error(f"unknown kinds {sorted(unknown)} in --pyg-dimenet-md17-kinds: use {', '.join(KINDS)}, all, none")
+    args.pyg_md17_kinds = KINDS if "all" in names else tuple(k for k in KINDS if k in names)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    batch_size = args.batch_size
     wall_start = time.perf_counter()
 
     def log(message=""):
-        print(f"[{time.perf_counter() - wall_start:6.1f} s] {message}" if message else "", flush=True)
+        print(f"[{time.perf_counter() - wall_start:6.1f} s] {message}", flush=True)
 
     info = provenance(args, device)
     log(f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
         f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32")
     log(f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
         f"{info['dimezbl_core_sha256'][:12]}; load average {info['loadavg_at_start']} at start")
-    measure_cpu_memory = device.type == "cpu" and cpu_peak_memory_supported()
-    if device.type == "cpu" and not measure_cpu_memory:
-        log("peak memory: /proc/self/clear_refs or glibc not available, CPU peak memory is not measured")
 
     cache = patch_pyg(args.pyg_graph)
     entries = build_models(device)
@@ -494,11 +536,16 @@ def main(argv=None) -> int:
         log(f"workload {w.name}: {w.description}; {s['atoms']} atoms, {s['edges']} edges, {s['triplets']} triplets "
             f"({s['atoms'] / s['molecules']:.1f} / {s['edges'] / s['molecules']:.0f} / "
             f"{s['triplets'] / s['molecules']:.0f} per molecule)")
-    log(f"repetitions: our models and PyG DimeNet++ {args.warmup} warm-up + {args.repeats} timed (interleaved); "
-        f"PyG DimeNet {args.pyg_dimenet_warmup} warm-up + {args.pyg_dimenet_repeats} timed, on md17 only "
-        f"{', '.join(pyg_md17_kinds) or 'nothing'}")
+    log(f"repetitions: our models and PyG DimeNet++ {args.warmup} warm-up + 1..{args.repeats} timed, interleaved "
+        f"(more while a group's timed rounds took < {args.group_budget_s:g} s and the run is < {args.deadline_s:g} s "
+        f"old), ZBL pair on qm9 force steps >= {args.zbl_repeats}; PyG DimeNet {args.pyg_dimenet_warmup} warm-up + "
+        f"{args.pyg_dimenet_repeats} timed, on md17 only {', '.join(args.pyg_md17_kinds) or 'nothing'}")
     log(f"PyG graph: {args.pyg_graph} stand-ins" + (" (computed once per batch, then no graph cost)"
                                                      if args.pyg_graph == "cached" else " (run in every call)"))
+    memory_note = ("CUDA max_memory_allocated during the call minus allocated before" if device.type == "cuda" else
+                   "peak of bytes allocated by torch's CPU allocator during the call and not yet freed "
+                   "(torch.profiler memory records)")
+    log(f"peak memory: {memory_note}")
 
     log("agreement with PyG (energy and forces, float32):")
     agree = all([check_agreement(entries, w, args.rtol, log) for w in workloads.values()])
@@ -506,77 +553,87 @@ def main(argv=None) -> int:
         print("FAIL: our outputs disagree with PyG's (see above); no timings taken", file=sys.stderr, flush=True)
         return 1
 
-    measurements = []
+    runner = Runner(device, args.deadline_s, log)
     fast = [entries[k] for k in ("ours_dimenet", "ours_dimezbl", "ours_dimenetpp", "pyg_dimenetpp")]
+    groups = {}  # (workload, kind) -> {model key: Measurement}
     for workload in workloads.values():
         for kind in KINDS:
-            measurements += measure_round_robin(fast, workload, kind, args.warmup, args.repeats, device,
-                                                measure_cpu_memory, log)
-            if workload.name == "qm9" or kind in pyg_md17_kinds:
-                measurements += measure_round_robin([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
-                                                    args.pyg_dimenet_repeats, device, measure_cpu_memory, log)
+            group = runner.group(fast, workload, kind, args.warmup, args.repeats, args.group_budget_s)
+            if workload.name == "qm9" and kind == "force_train_step":
+                pair = [entries["ours_dimenet"], entries["ours_dimezbl"]]
+                missing = args.zbl_repeats - len(group["ours_dimenet"].times_s)
+                if missing > 0:
+                    log(f"  ZBL overhead: {missing} more interleaved rounds of our DimeNet and DimezblNet")
+                    runner.group(pair, workload, kind, 0, missing, into=group, optional=True)
+            if workload.name == "qm9" or kind in args.pyg_md17_kinds:
+                group.update(runner.group([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
+                                          args.pyg_dimenet_repeats))
+            groups[(workload.name, kind)] = group
     wall_s = time.perf_counter() - wall_start
+    measurements = [m for group in groups.values() for m in group.values()]
+    return report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s)
 
-    # --- tables ---
-    by_key = {(m.model, m.workload, m.kind): m for m in measurements}
+
+def report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s) -> int:
+    batch_size = args.batch_size
     print()
-    print(f"Throughput (molecules/s, batch of {batch_size}, median) and peak memory (MB"
-          f"{', CPU resident set above the level before the step' if device.type == 'cpu' else ', CUDA allocated'})")
-    rows = []
-    for m in measurements:
-        rows.append([m.workload, m.kind, entries[m.model].label, f"{m.median_s:.3f}", f"{batch_size / m.median_s:.2f}",
-                     "n/a" if m.peak_mb is None else f"{m.peak_mb:.0f}", f"{m.warmup}+{len(m.times_s)}"])
+    print(f"Throughput (molecules/s, batch of {batch_size}, median) and peak memory (MB allocated during the call)")
+    rows = [[m.workload, m.kind, entries[m.model].label, f"{m.median_s:.3f}", f"{batch_size / m.median_s:.2f}",
+             "n/a" if m.peak_mb is None else f"{m.peak_mb:.0f}", f"{m.warmup}+{len(m.times_s)}"]
+            for m in measurements]
     print(format_table(rows, ["workload", "kind", "model", "median s", "mol/s", "peak MB", "warm-up+timed"]))
 
     print()
     print("Ours vs PyG: throughput ratio = PyG time / our time (> 1: we are faster); memory ratio = ours / PyG")
     ratios, rows = {}, []
-    for workload in WORKLOADS:
-        for kind in KINDS:
-            for ours, pyg in (("ours_dimenet", "pyg_dimenet"), ("ours_dimenetpp", "pyg_dimenetpp")):
-                a, b = by_key.get((ours, workload, kind)), by_key.get((pyg, workload, kind))
-                if a is None or b is None:
-                    rows.append([workload, kind, entries[ours].label, "not measured (PyG)", "", ""])
-                    continue
-                ratio = b.median_s / a.median_s
-                memory = a.peak_mb / b.peak_mb if a.peak_mb and b.peak_mb else None
-                ratios[f"{ours}/{workload}/{kind}"] = dict(throughput_ratio=ratio, memory_ratio=memory)
-                rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x",
-                             "n/a" if memory is None else f"{memory:.2f}",
-                             "n/a" if memory is None else ("ok" if memory <= 1 else "ABOVE PyG")])
+    for (workload, kind), group in groups.items():
+        for ours, pyg in (("ours_dimenet", "pyg_dimenet"), ("ours_dimenetpp", "pyg_dimenetpp")):
+            if pyg not in group:
+                rows.append([workload, kind, entries[ours].label, "PyG not measured", "", ""])
+                continue
+            a, b = group[ours], group[pyg]
+            ratio = b.median_s / a.median_s
+            memory = a.peak_bytes / b.peak_bytes if a.peak_bytes and b.peak_bytes else None
+            ratios[f"{ours}/{workload}/{kind}"] = dict(throughput_ratio=ratio, memory_ratio=memory)
+            rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x", "n/a" if memory is None else f"{memory:.2f}",
+                         "n/a" if memory is None else ("not above PyG" if memory <= 1 else "ABOVE PyG")])
     print(format_table(rows, ["workload", "kind", "model", "throughput ratio", "memory ratio", "memory"]))
 
     print()
-    print("ZBL overhead = DimezblNet time / our DimeNet time - 1 (same weights, interleaved repetitions)")
+    print("ZBL overhead = DimezblNet time / our DimeNet time - 1: median of the ratios of interleaved (paired) calls")
     zbl_overhead, rows = {}, []
-    for workload in WORKLOADS:
-        for kind in KINDS:
-            plain, with_zbl = by_key[("ours_dimenet", workload, kind)], by_key[("ours_dimezbl", workload, kind)]
-            zbl_overhead[f"{workload}/{kind}"] = with_zbl.median_s / plain.median_s - 1
-            rows.append([workload, kind, f"{plain.median_s:.3f}", f"{with_zbl.median_s:.3f}",
-                         f"{100 * zbl_overhead[f'{workload}/{kind}']:+.1f} %"])
-    print(format_table(rows, ["workload", "kind", "DimeNet s", "DimezblNet s", "overhead"]))
+    for (workload, kind), group in groups.items():
+        plain, with_zbl = group["ours_dimenet"], group["ours_dimezbl"]
+        paired = [b / a for a, b in zip(plain.times_s, with_zbl.times_s)]
+        zbl_overhead[f"{workload}/{kind}"] = statistics.median(paired) - 1
+        rows.append([workload, kind, f"{plain.median_s:.3f}", f"{with_zbl.median_s:.3f}", len(paired),
+                     f"{100 * zbl_overhead[f'{workload}/{kind}']:+.1f} %"])
+    print(format_table(rows, ["workload", "kind", "DimeNet s", "DimezblNet s", "pairs", "overhead"]))
 
     loadavg_end = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(f"wall time {wall_s:.0f} s; load average {info['loadavg_at_start']} at start, {loadavg_end} at end "
-          f"(other processes on the machine slow every model alike only if they run the whole time)")
+    print(f"wall time {wall_s:.0f} s; load average (1, 5, 15 min) {info['loadavg_at_start']} at start, {loadavg_end} at "
+          f"end on {info['cpu_count']} CPUs (a load above the thread count means other processes competed)")
+    if runner.past_deadline():
+        print(f"the deadline ({args.deadline_s:g} s) was reached: later measurements got a single timed repetition")
     if cache is not None:
         print(f"PyG graph cache: {cache.misses} stand-in computations, {cache.hits} cached results served")
     if args.json:
-        report = dict(provenance=dict(info, loadavg_at_end=loadavg_end, wall_s=wall_s, batch_size=batch_size,
-                                      repeats=args.repeats, warmup=args.warmup,
-                                      pyg_dimenet_repeats=args.pyg_dimenet_repeats,
-                                      pyg_dimenet_warmup=args.pyg_dimenet_warmup,
-                                      pyg_dimenet_md17_kinds=list(pyg_md17_kinds),
-                                      memory_measure="cuda max_memory_allocated" if device.type == "cuda" else
-                                      "CPU VmHWM - VmRSS (malloc_trim, clear_refs 5)" if measure_cpu_memory else None),
+        provenance_record = dict(info, loadavg_at_end=loadavg_end, wall_s=wall_s, batch_size=batch_size,
+                                 repeats=args.repeats, warmup=args.warmup, group_budget_s=args.group_budget_s,
+                                 deadline_s=args.deadline_s, zbl_repeats=args.zbl_repeats,
+                                 pyg_dimenet_repeats=args.pyg_dimenet_repeats,
+                                 pyg_dimenet_warmup=args.pyg_dimenet_warmup,
+                                 pyg_dimenet_md17_kinds=list(args.pyg_md17_kinds),
+                                 memory_measure="cuda max_memory_allocated" if device.type == "cuda" else
+                                 "torch.profiler profile_memory: peak of bytes allocated during the call")
+        output = dict(provenance=provenance_record,
                       workloads={w.name: dict(description=w.description, **w.stats) for w in workloads.values()},
                       measurements=[m.as_dict(batch_size) for m in measurements], ratios=ratios,
                       zbl_overhead=zbl_overhead)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
+            json.dump(output, out, indent=1)
         print(f"numbers and provenance written to {args.json}")
     print(f"ratio_force_train_step={ratios['ours_dimenet/qm9/force_train_step']['throughput_ratio']:.3f} "
           f"ratio_energy_train_step={ratios['ours_dimenet/qm9/energy_train_step']['throughput_ratio']:.3f} "

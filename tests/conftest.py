@@ -44,3 +44,19 @@ def _read_qm9_sample(nrows=8000, max_molecules=24):
 def qm9_sample_molecules():
     """List of dicts {index, z (int64 [N]), pos (float64 [N, 3], Angstrom)}: real QM9 molecules of 3..26 atoms."""
     return _read_qm9_sample()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One smoke-profile MD17 run (GFN2-xTB ethanol generated into a temporary data dir, plain DimeNet), shared by the
+# training test (does it learn?) and the ASE tests (NVE with a trained model).
+# ---------------------------------------------------------------------------------------------------------------
+@_pytest.fixture(scope="session")
+def ethanol_smoke_run(tmp_path_factory):
+    import dimezbl_core as dc
+
+    root = tmp_path_factory.mktemp("ethanol_smoke")
+    dc.generate_md17("ethanol", 300, data_dir=root / "data", progress=False, equilibration_steps=400)
+    config = dc.profile_config("smoke", "md17", "ethanol", zbl=False, out_dir=str(root / "runs"),
+                               data_dir=str(root / "data"))
+    metrics = dc.train(config, resume=False, progress=False)
+    return config, metrics

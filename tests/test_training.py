@@ -180,16 +180,12 @@ def test_two_process_gloo_training_matches_one_process(tmp_path):
     assert metrics["valid"]["energy_mae"] == pytest.approx(single["valid"]["energy_mae"], rel=1e-4)
 
 
-def test_smoke_md17_run_learns(tmp_path):
+def test_smoke_md17_run_learns(ethanol_smoke_run):
     """Smoke MD17 run on freshly generated GFN2-xTB ethanol (300 configurations): energy+force
     loss and force MAE end far below those of the mean predictor (plain DimeNet; the literal
     ZBL term of DimezblNet adds ~720 kcal/mol and forces up to ~440 kcal/mol/A to ethanol that
     the network must first cancel, so it learns more slowly at this budget)."""
-    dc.generate_md17("ethanol", 300, data_dir=tmp_path / "data", progress=False,
-                     equilibration_steps=400)
-    config = dc.profile_config("smoke", "md17", "ethanol", zbl=False, out_dir=str(tmp_path / "runs"),
-                               data_dir=str(tmp_path / "data"))
-    metrics = dc.train(config, resume=False, progress=False)
+    config, metrics = ethanol_smoke_run
     test, baseline = metrics["test"], metrics["test_mean_predictor"]
     assert test["forces_mae"] < 0.5 * baseline["forces_mae"]
     loss = test["energy_mae"] + config.force_weight * test["forces_mae"]
