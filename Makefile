@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 PROFILE ?= smoke
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce lab clean
+.PHONY: setup test reproduce lab clean md17-data benchmark
 
 setup: $(STAMP)
 
@@ -28,8 +28,17 @@ test: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) dimezbl_core.py reproduce --profile $(PROFILE)
 
+# MD17-style data for the cpu/paper profiles: GFN2-xTB (tblite) Langevin MD at 500 K,
+# N_CONFIGS configurations per molecule; shows progress and resumes where it stopped.
+N_CONFIGS ?= 2000
+md17-data: $(STAMP)
+	$(PY) dimezbl_core.py generate-md17 --all --n-configs $(N_CONFIGS)
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+
+benchmark: $(STAMP)
+	$(PY) bench/bench_dimenet.py

@@ -43,7 +43,8 @@ construction at all, while our models build their graph in every call. This favo
 times the stand-ins as they are.
 
 Outputs are checked first: our energies and forces against PyG's on each workload, |ours - PyG| <= rtol * max|PyG|
-(rtol 1e-4, float32); any disagreement ends the run with exit status 1 before anything is timed.
+(float32; rtol 1e-4 for energies, 5e-4 for forces, since PyG's own float32 forces are up to 1.3e-4 of the largest
+force away from its float64 ones); any disagreement ends the run with exit status 1 before anything is timed.
 
 The last line is machine-readable (DimeNet on the qm9 workload; ratios are PyG time / our time, > 1 means we are
 faster; zbl_overhead = DimezblNet time / our DimeNet time - 1 for the force training step on qm9):
@@ -54,6 +55,7 @@ Run: .venv/bin/python bench/bench_dimenet.py [--json results/bench_dimenet.json]
 project's idle 2-core CPU); --quick is a smoke check (2 molecules per batch, 1 repetition), not a measurement.
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -63,11 +65,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "3")  # the profiler used for CPU peak memory is chatty otherwise
-import torch  # noqa: E402
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -90,7 +92,12 @@ WORKLOADS = ("qm9", "md17")
 FORCE_LOSS_WEIGHT = 100.0  # rho of DimeNet's MD17 loss MAE(E) + rho MAE(F); it does not change the cost
 LEARNING_RATE = 1e-5  # small: the weights barely move over the few timed steps
 MD17_DISPLACEMENT_A = 0.05  # standard deviation of the per-coordinate displacement of each aspirin copy
-AGREEMENT_RTOL = 1e-4  # float32 agreement with PyG, relative to the largest |PyG value|
+# float32 agreement with PyG, relative to the largest |PyG value|. The forces get a looser bound because PyG's own
+# float32 forces are that far from its float64 forces: with these weights (energies ~1e5, forces ~1e5) PyG DimeNet's
+# float32 forces differ from its float64 forces by up to 1.3e-4 (md17) and 8.5e-5 (qm9) of the largest force, ours
+# by 3.5e-5; in float64 ours and PyG's agree to 4e-12 (measured on these two batches, 2026-11-25).
+AGREEMENT_RTOL_ENERGY = 1e-4
+AGREEMENT_RTOL_FORCES = 5e-4
 SEED = 0
 
 
@@ -283,12 +290,37 @@ def make_step(entry: Entry, workload: Workload, kind: str):
 # ---------------------------------------------------------------------------------------------------------------
 # --- Timing and peak memory ---
 # ---------------------------------------------------------------------------------------------------------------
+# printed by the profiler on every start and stop, whatever KINETO_LOG_LEVEL says, and (once) by c10 for the
+# documented reason that frees of blocks allocated before the call are not counted
+_PROFILER_CHATTER = ("USDT:", "STAGE:", "Memory block of unknown size was allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Capture the process's stderr (file descriptor 2, where the C++ side prints) and pass on all but the
+    profiler's own lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(marker in line for marker in _PROFILER_CHATTER):
+                    sys.stderr.write(line)
+
+
 def _cpu_peak_allocated(step):
     """Run `step` under torch.profiler (profile_memory=True); return the peak over the call of the bytes that torch's
     CPU allocator handed out during the call and that were not yet freed (None if the profiler gives no records)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     try:  # the raw allocation records: +bytes per allocation, -bytes per free of a block allocated while profiling
         records = [e for e in prof.profiler.kineto_results.events()
@@ -394,21 +426,25 @@ class Runner:
 # ---------------------------------------------------------------------------------------------------------------
 # --- Agreement with PyG ---
 # ---------------------------------------------------------------------------------------------------------------
-def check_agreement(entries, workload, rtol, log) -> bool:
-    """Our energies and forces against PyG's (zbl=False models only; the ZBL model adds a different energy)."""
+def check_agreement(entries, workload, tolerances, log, records: list) -> bool:
+    """Our energies and forces against PyG's (zbl=False models only; the ZBL model adds a different energy).
+    `tolerances`: {"energy": rtol, "forces": rtol}, relative to the largest |PyG value|; one dict per comparison
+    is appended to `records`."""
     ok = True
     outputs = {}
     for key in ("pyg_dimenet", "ours_dimenet", "pyg_dimenetpp", "ours_dimenetpp"):
         energy, forces = energy_and_forces(entries[key].model, workload.z, workload.pos, workload.batch, False)
-        outputs[key] = (energy.detach(), forces.detach())
+        outputs[key] = {"energy": energy.detach(), "forces": forces.detach()}
     for ours, pyg in (("ours_dimenet", "pyg_dimenet"), ("ours_dimenetpp", "pyg_dimenetpp")):
-        for index, quantity in enumerate(("energy", "forces")):
-            reference, value = outputs[pyg][index], outputs[ours][index]
+        for quantity, rtol in tolerances.items():
+            reference, value = outputs[pyg][quantity], outputs[ours][quantity]
             scale = float(reference.abs().max())
             error = float((value - reference).abs().max())
             finite = bool(torch.isfinite(value).all() and torch.isfinite(reference).all())
             passed = finite and scale > 0 and error <= rtol * scale
             ok &= passed
+            records.append(dict(workload=workload.name, model=ours, quantity=quantity, max_abs_error=error,
+                                max_abs_pyg=scale, rtol=rtol, passed=passed))
             log(f"  {workload.name:5s} {entries[ours].label:16s} {quantity:6s}: max |ours - PyG| = {error:.3e}, "
                 f"max |PyG| = {scale:.3e}, relative {error / scale if scale else float('nan'):.2e} "
                 f"{'ok' if passed else 'FAIL'} (rtol {rtol:g})")
@@ -493,7 +529,11 @@ def parse_args(argv):
     parser.add_argument("--pyg-graph", choices=("cached", "standin"), default="cached",
                         help="PyG's radius_graph/triplets: stand-in results cached per batch (default; no graph "
                              "cost in PyG's numbers) or the dense stand-ins run in every call")
-    parser.add_argument("--rtol", type=float, default=AGREEMENT_RTOL, help="agreement tolerance (default 1e-4)")
+    parser.add_argument("--rtol-energy", type=float, default=AGREEMENT_RTOL_ENERGY,
+                        help="agreement of energies with PyG, relative to the largest |PyG energy| (default 1e-4)")
+    parser.add_argument("--rtol-forces", type=float, default=AGREEMENT_RTOL_FORCES,
+                        help="agreement of forces with PyG, relative to the largest |PyG force| (default 5e-4: "
+                             "PyG's own float32 forces are up to 1.3e-4 from its float64 ones)")
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -548,7 +588,9 @@ def main(argv=None) -> int:
     log(f"peak memory: {memory_note}")
 
     log("agreement with PyG (energy and forces, float32):")
-    agree = all([check_agreement(entries, w, args.rtol, log) for w in workloads.values()])
+    tolerances = {"energy": args.rtol_energy, "forces": args.rtol_forces}
+    agreement = []
+    agree = all([check_agreement(entries, w, tolerances, log, agreement) for w in workloads.values()])
     if not agree:
         print("FAIL: our outputs disagree with PyG's (see above); no timings taken", file=sys.stderr, flush=True)
         return 1
@@ -571,10 +613,10 @@ def main(argv=None) -> int:
             groups[(workload.name, kind)] = group
     wall_s = time.perf_counter() - wall_start
     measurements = [m for group in groups.values() for m in group.values()]
-    return report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s)
+    return report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s, agreement)
 
 
-def report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s) -> int:
+def report(args, info, device, entries, workloads, groups, measurements, cache, runner, wall_s, agreement) -> int:
     batch_size = args.batch_size
     print()
     print(f"Throughput (molecules/s, batch of {batch_size}, median) and peak memory (MB allocated during the call)")
@@ -629,7 +671,7 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
                                  "torch.profiler profile_memory: peak of bytes allocated during the call")
         output = dict(provenance=provenance_record,
                       workloads={w.name: dict(description=w.description, **w.stats) for w in workloads.values()},
-                      measurements=[m.as_dict(batch_size) for m in measurements], ratios=ratios,
+                      agreement=agreement, measurements=[m.as_dict(batch_size) for m in measurements], ratios=ratios,
                       zbl_overhead=zbl_overhead)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:

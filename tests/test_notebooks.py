@@ -3,7 +3,7 @@ and the tables they write: the paper's rows and columns, every "this run" cell t
 metrics.json of its run, every quoted cell equal to the paper. Also: notebooks are committed
 without outputs; the change interval, atomic table writes and failure reports.
 
-The paper's tables are parsed here, independently of reporting_wip, from a verbatim copy of
+The paper's tables are parsed here, independently of dimezbl_core, from a verbatim copy of
 their lines below, which is itself checked against ../shared/paper/dimezblnet-paper.md when that
 file is there.
 """
@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 import dimezbl_core as dc
-import reporting_wip as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FILE = ROOT.parent / "shared" / "paper" / "dimezblnet-paper.md"
@@ -102,28 +101,28 @@ def test_copied_lines_are_the_papers():
 
 def test_quoted_constants_equal_the_paper():
     table1 = parse_table1(PAPER_TABLE1_LINES)
-    assert list(rp.PAPER_TABLE1_COLUMNS) == list(next(iter(table1.values()))[1])
-    for target, (label, unit, cells) in rp.PAPER_TABLE1.items():
+    assert list(dc.PAPER_TABLE1_COLUMNS) == list(next(iter(table1.values()))[1])
+    for target, (label, unit, cells) in dc.PAPER_TABLE1.items():
         paper_unit, paper_cells = table1[label]
         assert unit == paper_unit and list(cells) == list(paper_cells.values()), target
-    assert [label for label, _, _ in rp.PAPER_TABLE1.values()] == TABLE1_ROWS
-    assert list(rp.PAPER_TABLE1) == list(dc.QM9_TARGETS)
+    assert [label for label, _, _ in dc.PAPER_TABLE1.values()] == TABLE1_ROWS
+    assert list(dc.PAPER_TABLE1) == list(dc.QM9_TARGETS)
 
     table2 = parse_table2(PAPER_TABLE2_LINES)
     assert ("Uracil", "Forces") not in table2  # the paper stops before it
-    for (molecule, quantity), cells in rp.PAPER_TABLE2.items():
-        key = (rp.MD17_LABELS[molecule], quantity.capitalize())
-        expected = table2.get(key, dict.fromkeys(rp.PAPER_TABLE2_COLUMNS, rp.NOT_REPORTED))
-        assert list(cells) == [expected[c] for c in rp.PAPER_TABLE2_COLUMNS], key
-    assert len(rp.PAPER_TABLE2) == 16
-    assert rp.paper_value(1, "alpha", "DimezblNet") == 0.0452
-    assert rp.paper_value(1, "U", "Cormorant") is None
-    assert rp.paper_value(2, ("uracil", "forces"), "DimeNet") is None
+    for (molecule, quantity), cells in dc.PAPER_TABLE2.items():
+        key = (dc.MD17_LABELS[molecule], quantity.capitalize())
+        expected = table2.get(key, dict.fromkeys(dc.PAPER_TABLE2_COLUMNS, dc.NOT_REPORTED))
+        assert list(cells) == [expected[c] for c in dc.PAPER_TABLE2_COLUMNS], key
+    assert len(dc.PAPER_TABLE2) == 16
+    assert dc.paper_value(1, "alpha", "DimezblNet") == 0.0452
+    assert dc.paper_value(1, "U", "Cormorant") is None
+    assert dc.paper_value(2, ("uracil", "forces"), "DimeNet") is None
 
 
 def test_notebooks_are_committed_without_outputs():
     names = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
-    assert names == sorted(rp.NOTEBOOKS)
+    assert names == sorted(dc.NOTEBOOKS)
     for name in names:
         notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
         nbformat.validate(notebook)
@@ -132,7 +131,7 @@ def test_notebooks_are_committed_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None, (
                 f"{name} has outputs: clear them (nbstripout notebooks/*.ipynb)")
         assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell not tagged"
-        assert notebook.metadata["kernelspec"]["name"] == rp.KERNEL_NAME
+        assert notebook.metadata["kernelspec"]["name"] == dc.KERNEL_NAME
 
 
 # --- statistics and files, without training ---
@@ -141,11 +140,11 @@ def _fake_runs(values: dict) -> pd.DataFrame:
     """A collect_runs-like table: values {(target, model, seed): test MAE}."""
     rows = []
     for (target, model, seed), mae in values.items():
-        row = dict.fromkeys(rp.RUN_COLUMNS)
+        row = dict.fromkeys(dc.RUN_COLUMNS)
         row.update(profile="cpu", dataset="qm9", target=target, model=model, seed=seed, test_energy_mae=mae,
                    mean_predictor_energy_mae=100.0, run_dir=f"runs/cpu/qm9/{target}/{model}_seed{seed}")
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(rp.RUN_COLUMNS))
+    return pd.DataFrame(rows, columns=list(dc.RUN_COLUMNS))
 
 
 def test_relative_change_is_a_paired_t_interval_over_seeds():
@@ -154,51 +153,51 @@ def test_relative_change_is_a_paired_t_interval_over_seeds():
     dimenet, dimezblnet = [10.0, 12.0, 11.0], [9.5, 11.0, 11.2]
     change = 100 * (np.array(dimezblnet) - dimenet) / dimenet
     half = t.ppf(0.975, 2) * change.std(ddof=1) / math.sqrt(3)
-    assert rp.relative_change(dimenet, dimezblnet) == pytest.approx(
+    assert dc.relative_change(dimenet, dimezblnet) == pytest.approx(
         (change.mean(), change.mean() - half, change.mean() + half), rel=1e-12)
-    mean, low, high = rp.relative_change([10.0], [9.0])
+    mean, low, high = dc.relative_change([10.0], [9.0])
     assert mean == pytest.approx(-10.0) and math.isnan(low) and math.isnan(high)
 
     runs = _fake_runs({("U0", "dimenet", s): v for s, v in enumerate(dimenet)}
                       | {("U0", "dimezblnet", s): v for s, v in enumerate(dimezblnet)})
-    table = rp.build_table1(runs, "cpu").set_index("Target")
+    table = dc.build_table1(runs, "cpu").set_index("Target")
     assert table.loc["U0", "DimeNet (this run)"] == pytest.approx(np.mean(dimenet))
     assert table.loc["U0", "DimeNet (this run) std"] == pytest.approx(np.std(dimenet, ddof=1))
     assert table.loc["U0", "Change 95% low (this run, %)"] == pytest.approx(change.mean() - half)
     assert math.isnan(table.loc["mu", "DimezblNet (this run)"])
-    shown = rp.display_table(table.reset_index()).set_index("Target")
+    shown = dc.display_table(table.reset_index()).set_index("Target")
     assert shown.loc["U0", "DimeNet (this run)"] == f"{np.mean(dimenet):.4g} ± {np.std(dimenet, ddof=1):.2g}"
     assert shown.loc["mu", "DimeNet (this run)"] == "not run"
     assert shown.loc["U", "Cormorant (paper)"] == "–"
 
 
 def test_write_table_never_leaves_half_written_tables(tmp_path, monkeypatch):
-    table = rp.build_table1(_fake_runs({("U0", "dimenet", 0): 1.0, ("U0", "dimezblnet", 0): 0.9}), "cpu")
-    paths = rp.write_table(table, ["Profile: cpu"], "table1_qm9", tmp_path)
+    table = dc.build_table1(_fake_runs({("U0", "dimenet", 0): 1.0, ("U0", "dimezblnet", 0): 0.9}), "cpu")
+    paths = dc.write_table(table, ["Profile: cpu"], "table1_qm9", tmp_path)
     before = {suffix: path.read_text() for suffix, path in paths.items()}
     assert before["csv"].startswith("# Profile: cpu\n") and before["tex"].startswith("% Profile: cpu\n")
 
     def broken(_):
         raise RuntimeError("disk full while rendering LaTeX")
 
-    monkeypatch.setattr(rp, "latex_table", broken)
+    monkeypatch.setattr(dc, "latex_table", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        rp.write_table(table.assign(**{"DimeNet (this run)": 2.0}), ["Profile: other"], "table1_qm9", tmp_path)
+        dc.write_table(table.assign(**{"DimeNet (this run)": 2.0}), ["Profile: other"], "table1_qm9", tmp_path)
     assert {suffix: path.read_text() for suffix, path in paths.items()} == before
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["table1_qm9.csv", "table1_qm9.md",
                                                                         "table1_qm9.tex"]
 
 
 def test_reproduce_rejects_unknown_parameters():
-    assert rp.reproduce_main(["--set", "target=[\"U0\"]"]) == 1  # 'targets', not 'target'
+    assert dc.reproduce_main(["--set", "target=[\"U0\"]"]) == 1  # 'targets', not 'target'
 
 
 def test_reproduce_names_the_failing_notebook_and_cell(tmp_path):
     name = "01_basis_visualization.ipynb"
     cells = nbformat.read(ROOT / "notebooks" / name, as_version=4).cells
     failing = next(k for k, cell in enumerate(cells) if "plot_sbf_heatmap" in cell.source) + 1
-    with pytest.raises(rp.NotebookFailed) as error:
-        rp.reproduce("smoke", results_dir=tmp_path, parameters={"sbf_l": 99}, notebooks=[name], progress=False)
+    with pytest.raises(dc.NotebookFailed) as error:
+        dc.reproduce("smoke", results_dir=tmp_path, parameters={"sbf_l": 99}, notebooks=[name], progress=False)
     assert error.value.notebook == name and error.value.cell == failing
     assert f"{name} failed in cell {failing}" in str(error.value) and "ValueError" in str(error.value)
     assert (tmp_path / "executed" / name).exists()
@@ -231,14 +230,14 @@ def reproduced(tmp_path_factory):
         if (dc.data_dir_path() / name).exists():
             (data / name).symlink_to(dc.data_dir_path() / name)
     start = time.perf_counter()
-    rp.reproduce("smoke", results_dir=base / "results", data_dir=data, device="cpu", parameters=PARAMETERS,
+    dc.reproduce("smoke", results_dir=base / "results", data_dir=data, device="cpu", parameters=PARAMETERS,
                  progress=False)
     print(f"\nnotebooks 01-05 ran in {time.perf_counter() - start:.0f} s")
     return base / "results"
 
 
 def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
-    for name in rp.NOTEBOOKS:
+    for name in dc.NOTEBOOKS:
         executed = nbformat.read(reproduced / "executed" / name, as_version=4)
         assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code"), name
     for figure in FIGURES:
@@ -261,7 +260,7 @@ def test_tables_have_the_papers_rows_columns_and_header(reproduced):
         (m, q) for m in TABLE2_MOLECULES for q in ("Energy", "Forces")]
     assert set(table2["Unit"]) == {"kcal/mol", "kcal/mol/A"}
     added = ["DimeNet (this run)", "DimezblNet (this run)", "Change (this run, %)"]
-    for table, columns in ((table1, rp.PAPER_TABLE1_COLUMNS), (table2, rp.PAPER_TABLE2_COLUMNS)):
+    for table, columns in ((table1, dc.PAPER_TABLE1_COLUMNS), (table2, dc.PAPER_TABLE2_COLUMNS)):
         assert all(f"{c} (paper)" in table for c in columns) and all(c in table for c in added)
     for basename, data in (("table1_qm9", "QM9 from qm9pack (B3LYP/6-31G(2df,p))"), ("table2_md17", "GFN2-xTB")):
         for suffix, prefix in (("csv", "# "), ("md", "- "), ("tex", "% ")):
@@ -283,10 +282,10 @@ def test_every_this_run_cell_comes_from_the_metrics_of_its_run(reproduced):
         markdown = (reproduced / "tables" / f"{basename}.md").read_text()
         for row in table.to_dict("records"):
             if dataset == "qm9":
-                target = {label: t for t, (label, _, _) in rp.PAPER_TABLE1.items()}[row["Target"]]
+                target = {label: t for t, (label, _, _) in dc.PAPER_TABLE1.items()}[row["Target"]]
                 metric = "energy_mae"
             else:
-                target = {label: m for m, label in rp.MD17_LABELS.items()}[row["Molecule"]]
+                target = {label: m for m, label in dc.MD17_LABELS.items()}[row["Molecule"]]
                 metric = f"{row['Quantity'].lower()}_mae"
             for model, label in (("dimenet", "DimeNet"), ("dimezblnet", "DimezblNet")):
                 cell, runs = row[f"{label} (this run)"], row[f"{label} (this run) runs"]
@@ -318,7 +317,7 @@ def test_quoted_cells_of_the_tables_equal_the_paper(reproduced):
     table2 = _read_csv(reproduced / "tables" / "table2_md17.csv").set_index(["Molecule", "Quantity"])
     paper2 = parse_table2(PAPER_TABLE2_LINES)
     for key in table2.index:
-        for column in rp.PAPER_TABLE2_COLUMNS:
+        for column in dc.PAPER_TABLE2_COLUMNS:
             expected = paper2[key][column] if key in paper2 else "not reported"
             assert table2.loc[key, f"{column} (paper)"] == expected, (key, column)
     markdown = (reproduced / "tables" / "table2_md17.md").read_text()
