@@ -19,11 +19,11 @@ Measured for every model and workload (molecules per second from the median of t
 
 Repetitions. Our three models and PyG DimeNet++ run interleaved (A B C D A B C D ...), so that a change of the
 machine's load affects them alike: 1 warm-up round, then timed rounds, at least 1 and at most 5, a further one only
-while the (workload, kind)'s timed rounds have taken under 20 s and the run is younger than 480 s; the qm9 force
-training step of our DimeNet and DimezblNet gets at least 3 paired rounds (the ZBL overhead is the median of their
-paired time ratios). PyG DimeNet (26 s / 64 s per energy / force training step on 2 cores) gets 1 timed call per
-kind and no warm-up of its own (the agreement check has already run its forward and backward on the same batch),
-and on md17 only the force training step and MD inference. The repetitions actually used are printed.
+while the (workload, kind)'s timed rounds have taken under 10 s and the run is younger than 400 s; the qm9 force
+training step of our DimeNet and DimezblNet gets up to 3 paired rounds before that deadline (the ZBL overhead is
+the median of their paired time ratios). PyG DimeNet (26 s / 64 s per energy / force training step on 2 cores)
+gets 1 timed call per kind and no warm-up of its own (the agreement check has already run its forward and backward
+on the same batch), and on md17 only the force training step. The repetitions actually used are printed.
 
 Peak memory: the peak, during one call, of the memory allocated during that call and not yet freed (activations,
 autograd buffers, gradients; not the weights, the batch or Adam's state, which is created before any measurement).
@@ -88,7 +88,6 @@ DIMENETPP_KW = dict(hidden_channels=128, out_channels=1, num_blocks=4, int_emb_s
                     num_before_skip=1, num_after_skip=2, num_output_layers=3)
 
 KINDS = ("forward", "energy_train_step", "force_train_step", "md_inference")
-WORKLOADS = ("qm9", "md17")
 FORCE_LOSS_WEIGHT = 100.0  # rho of DimeNet's MD17 loss MAE(E) + rho MAE(F); it does not change the cost
 LEARNING_RATE = 1e-5  # small: the weights barely move over the few timed steps
 MD17_DISPLACEMENT_A = 0.05  # standard deviation of the per-coordinate displacement of each aspirin copy
@@ -114,10 +113,6 @@ class Workload:
     energy_target: torch.Tensor  # float32 [B], seeded noise (the loss value does not matter, its cost does)
     force_target: torch.Tensor  # float32 [N, 3]
     stats: dict = field(default_factory=dict)
-
-    @property
-    def num_molecules(self) -> int:
-        return int(self.batch[-1]) + 1
 
     def to(self, device):
         for name in ("z", "pos", "batch", "energy_target", "force_target"):
@@ -212,7 +207,6 @@ class Entry:
     label: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    reference: str  # key of the PyG model it is compared with
 
 
 def make_optimizer(model):
@@ -235,14 +229,12 @@ def build_models(device) -> dict:
     for model, reference in ((ours, pyg), (ours_zbl, pyg), (ours_pp, pyg_pp)):
         dc.load_pyg_dimenet_state_dict(model, reference.state_dict())
     entries = {}
-    for key, label, model, reference in (
-            ("pyg_dimenet", "PyG DimeNet", pyg, "pyg_dimenet"),
-            ("ours_dimenet", "ours DimeNet", ours, "pyg_dimenet"),
-            ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl, "pyg_dimenet"),
-            ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp, "pyg_dimenetpp"),
-            ("ours_dimenetpp", "ours DimeNet++", ours_pp, "pyg_dimenetpp")):
+    for key, label, model in (("pyg_dimenet", "PyG DimeNet", pyg), ("ours_dimenet", "ours DimeNet", ours),
+                              ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl),
+                              ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp),
+                              ("ours_dimenetpp", "ours DimeNet++", ours_pp)):
         model = model.float().to(device).train()
-        entries[key] = Entry(key, label, model, make_optimizer(model), reference)
+        entries[key] = Entry(key, label, model, make_optimizer(model))
     return entries
 
 
@@ -383,9 +375,8 @@ class Runner:
     further ones (up to `repeats`) while the group's timed rounds have taken less than `budget_s` and the whole
     run is younger than `deadline_s`."""
 
-    def __init__(self, device, deadline_s, log):
-        self.device, self.deadline_s, self.log, self.start = device, deadline_s, log, time.perf_counter()
-        self.skipped_rounds = 0
+    def __init__(self, device, deadline_s, log, start):
+        self.device, self.deadline_s, self.log, self.start = device, deadline_s, log, start
 
     def past_deadline(self) -> bool:
         return time.perf_counter() - self.start >= self.deadline_s
@@ -394,7 +385,8 @@ class Runner:
         """Measurements {key: Measurement}; `into` continues existing ones (extra rounds; `optional`: even the
         first extra round is skipped past the deadline)."""
         steps = {e.key: make_step(e, workload, kind) for e in entries}
-        results = into if into is not None else {e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
+        results = into if into is not None else {
+            e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
         for round_index in range(warmup):
             for e in entries:
                 last = round_index == warmup - 1
@@ -404,7 +396,6 @@ class Runner:
         group_start, rounds = time.perf_counter(), 0
         while rounds < repeats:
             if (rounds or optional) and (time.perf_counter() - group_start >= budget_s or self.past_deadline()):
-                self.skipped_rounds += repeats - rounds if self.past_deadline() else 0
                 break
             for e in entries:
                 m = results[e.key]
@@ -457,7 +448,8 @@ def check_agreement(entries, workload, tolerances, log, records: list) -> bool:
 def provenance(args, device) -> dict:
     def git(*command):
         try:
-            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
@@ -500,12 +492,12 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed warm-up calls of those models per workload and kind (default 1; peak memory "
                              "is measured on the last one)")
-    parser.add_argument("--group-budget-s", type=float, default=20.0,
+    parser.add_argument("--group-budget-s", type=float, default=10.0,
                         help="no further timed round of a (workload, kind) once its timed rounds took this long "
-                             "(default 20 s)")
+                             "(default 10 s)")
     parser.add_argument("--zbl-repeats", type=int, default=3,
-                        help="at least this many interleaved timed repetitions of our DimeNet and DimezblNet for the "
-                             "qm9 force training step, the ZBL overhead (default 3; extra ones skipped past the "
+                        help="interleaved timed repetitions of our DimeNet and DimezblNet for the qm9 force training "
+                             "step, the ZBL overhead (default 3; those beyond the first are skipped past the "
                              "deadline)")
     parser.add_argument("--pyg-dimenet-repeats", type=int, default=1,
                         help="timed repetitions of PyG DimeNet (default 1; it takes ~26 s / 64 s per energy / force "
@@ -514,12 +506,12 @@ def parse_args(argv):
                         help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check has already run "
                              "its forward and backward on the same batch; its peak memory is then profiled in the "
                              "timed call, where the profiler costs well under 1%% of a 10-60 s step)")
-    parser.add_argument("--pyg-dimenet-md17-kinds", default="force_train_step,md_inference",
+    parser.add_argument("--pyg-dimenet-md17-kinds", default="force_train_step",
                         help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, or all or none "
-                             "(default force_train_step,md_inference, MD17's uses; all four would exceed 10 minutes)")
-    parser.add_argument("--deadline-s", type=float, default=480.0,
+                             "(default force_train_step, what MD17 trains; more would exceed 10 minutes)")
+    parser.add_argument("--deadline-s", type=float, default=400.0,
                         help="after this many seconds only the first timed repetition of each measurement is taken "
-                             "(default 480, so that the run ends within 10 minutes on this project's 2-core CPU)")
+                             "(default 400, so that the run ends within 10 minutes on this project's 2-core CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="molecules per batch (default 32; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
@@ -595,7 +587,7 @@ def main(argv=None) -> int:
         print("FAIL: our outputs disagree with PyG's (see above); no timings taken", file=sys.stderr, flush=True)
         return 1
 
-    runner = Runner(device, args.deadline_s, log)
+    runner = Runner(device, args.deadline_s, log, wall_start)
     fast = [entries[k] for k in ("ours_dimenet", "ours_dimezbl", "ours_dimenetpp", "pyg_dimenetpp")]
     groups = {}  # (workload, kind) -> {model key: Measurement}
     for workload in workloads.values():
@@ -605,7 +597,8 @@ def main(argv=None) -> int:
                 pair = [entries["ours_dimenet"], entries["ours_dimezbl"]]
                 missing = args.zbl_repeats - len(group["ours_dimenet"].times_s)
                 if missing > 0:
-                    log(f"  ZBL overhead: {missing} more interleaved rounds of our DimeNet and DimezblNet")
+                    log(f"  ZBL overhead: up to {missing} more interleaved rounds of our DimeNet and DimezblNet "
+                        f"(none past the deadline)")
                     runner.group(pair, workload, kind, 0, missing, into=group, optional=True)
             if workload.name == "qm9" or kind in args.pyg_md17_kinds:
                 group.update(runner.group([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
@@ -637,7 +630,8 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
             ratio = b.median_s / a.median_s
             memory = a.peak_bytes / b.peak_bytes if a.peak_bytes and b.peak_bytes else None
             ratios[f"{ours}/{workload}/{kind}"] = dict(throughput_ratio=ratio, memory_ratio=memory)
-            rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x", "n/a" if memory is None else f"{memory:.2f}",
+            rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x",
+                         "n/a" if memory is None else f"{memory:.2f}",
                          "n/a" if memory is None else ("not above PyG" if memory <= 1 else "ABOVE PyG")])
     print(format_table(rows, ["workload", "kind", "model", "throughput ratio", "memory ratio", "memory"]))
 
@@ -654,8 +648,9 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
 
     loadavg_end = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(f"wall time {wall_s:.0f} s; load average (1, 5, 15 min) {info['loadavg_at_start']} at start, {loadavg_end} at "
-          f"end on {info['cpu_count']} CPUs (a load above the thread count means other processes competed)")
+    print(f"wall time {wall_s:.0f} s; load average (1, 5, 15 min) {info['loadavg_at_start']} at start, "
+          f"{loadavg_end} at end on {info['cpu_count']} CPUs (a load above the thread count means other processes "
+          f"competed)")
     if runner.past_deadline():
         print(f"the deadline ({args.deadline_s:g} s) was reached: later measurements got a single timed repetition")
     if cache is not None:
