@@ -2593,14 +2593,20 @@ def add_train_arguments(parser):
     parser.add_argument("--no-progress", action="store_true")
 
 
-def config_from_arguments(args) -> TrainConfig:
-    overrides = {}
-    for item in args.set:
+def parse_set_arguments(items) -> dict:
+    """`--set NAME=JSON` items as a dict (a value that is not JSON stays a string)."""
+    values = {}
+    for item in items:
         key, _, value = item.partition("=")
         try:
-            overrides[key] = json.loads(value)
+            values[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
+            values[key] = value
+    return values
+
+
+def config_from_arguments(args) -> TrainConfig:
+    overrides = parse_set_arguments(args.set)
     for key in ("device", "out_dir", "data_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -3763,13 +3769,7 @@ def reproduce_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
                         help="a notebook parameter, e.g. --set 'targets=[\"U0\"]' --set 'seeds=[0, 1]'")
     args = parser.parse_args(argv)
-    parameters = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            parameters[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parameters[key] = value
+    parameters = parse_set_arguments(args.set)
     start = time.perf_counter()
     try:
         reproduce(args.profile, args.results_dir, args.data_dir, args.device, parameters, kernel_name=args.kernel)
