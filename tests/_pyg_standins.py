@@ -63,3 +63,12 @@ def memoize_pyg_basis_forms():
         fn = getattr(dimenet_utils, name)
         if not hasattr(fn, "cache_info"):
             setattr(dimenet_utils, name, functools.lru_cache(maxsize=None)(fn))
+
+
+# DimeNet's and DimeNet++'s published hyperparameters (shared by the equivalence test and the benchmark).
+DIMENET_KW = dict(hidden_channels=128, out_channels=1, num_blocks=6, num_bilinear=8, num_spherical=7,
+                  num_radial=6, cutoff=5.0, envelope_exponent=5, num_before_skip=1, num_after_skip=2,
+                  num_output_layers=3)
+DIMENETPP_KW = dict(hidden_channels=128, out_channels=1, num_blocks=4, int_emb_size=64, basis_emb_size=8,
+                    out_emb_channels=256, num_spherical=7, num_radial=6, cutoff=5.0, envelope_exponent=5,
+                    num_before_skip=1, num_after_skip=2, num_output_layers=3)

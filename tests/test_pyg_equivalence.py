@@ -25,12 +25,7 @@ from _pyg_standins import memoize_pyg_basis_forms, radius_graph_reference, tripl
 pyg_dimenet = pytest.importorskip("torch_geometric.nn.models.dimenet")
 memoize_pyg_basis_forms()
 
-DIMENET_KW = dict(hidden_channels=128, out_channels=1, num_blocks=6, num_bilinear=8, num_spherical=7,
-                  num_radial=6, cutoff=5.0, envelope_exponent=5, num_before_skip=1, num_after_skip=2,
-                  num_output_layers=3)
-DIMENETPP_KW = dict(hidden_channels=128, out_channels=1, num_blocks=4, int_emb_size=64, basis_emb_size=8,
-                    out_emb_channels=256, num_spherical=7, num_radial=6, cutoff=5.0, envelope_exponent=5,
-                    num_before_skip=1, num_after_skip=2, num_output_layers=3)
+from _pyg_standins import DIMENET_KW, DIMENETPP_KW  # noqa: E402  (published hyperparameters)
 
 
 @pytest.fixture(autouse=True)
