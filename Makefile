@@ -25,8 +25,12 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# smoke results go to results/, other profiles to results/<profile>/ (so they never overwrite
+# each other); ARGS passes more options, e.g. ARGS="--set 'targets=[\"U0\"]'"
+RESULTS_DIR ?= $(if $(filter smoke,$(PROFILE)),results,results/$(PROFILE))
+ARGS ?=
 reproduce: $(STAMP)
-	$(PY) dimezbl_core.py reproduce --profile $(PROFILE)
+	$(PY) dimezbl_core.py reproduce --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(ARGS)
 
 # MD17-style data for the cpu/paper profiles: GFN2-xTB (tblite) Langevin MD at 500 K,
 # N_CONFIGS configurations per molecule; shows progress and resumes where it stopped.

@@ -190,3 +190,14 @@ def test_smoke_md17_run_learns(ethanol_smoke_run):
     assert test["forces_mae"] < 0.5 * baseline["forces_mae"]
     loss = test["energy_mae"] + config.force_weight * test["forces_mae"]
     assert loss < 0.5 * (baseline["energy_mae"] + config.force_weight * baseline["forces_mae"])
+
+
+def test_run_configs_store_data_paths_relative_to_the_repository(tmp_path):
+    """Committed run configs must match in any checkout: paths inside the repository are stored relative."""
+    inside = dc.REPOSITORY_ROOT / "data" / "md17" / "generated" / "smoke" / "ethanol.npz"
+    assert dc.portable_path(inside) == "data/md17/generated/smoke/ethanol.npz"
+    assert dc.repository_path("data/md17/generated/smoke/ethanol.npz") == inside
+    outside = tmp_path / "ethanol.npz"
+    assert dc.portable_path(outside) == str(outside.resolve())
+    assert dc.repository_path(str(outside)) == outside
+    assert dc.repository_path(None) is None
