@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 PROFILE ?= smoke
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce lab clean md17-data benchmark
+.PHONY: setup test reproduce lab clean md17-data benchmark shortrange
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ reproduce: $(STAMP)
 N_CONFIGS ?= 2000
 md17-data: $(STAMP)
 	$(PY) dimezbl_core.py generate-md17 --all --n-configs $(N_CONFIGS)
+
+# The short-range experiment with the MD17 models of `make reproduce` (same PROFILE): bond compression
+# against GFN2-xTB and MD stability (Langevin and NVE, 500/1000/1500 K); smoke: about 10 min on 2 cores.
+# Tables in $(RESULTS_DIR)/shortrange/, figures in $(RESULTS_DIR)/figures/shortrange_*.png.
+SHORTRANGE_ARGS ?=
+shortrange: $(STAMP)
+	$(PY) dimezbl_core.py shortrange --profile $(PROFILE) --results-dir $(RESULTS_DIR) $(SHORTRANGE_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

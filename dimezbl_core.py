@@ -21,7 +21,10 @@ Training and evaluation                MAE metrics of Sec. 4.1 under DimeNet's p
 Reporting                              Tables 1 and 2 (the paper's values quoted, ours beside
                                        them), figures of Eq. 4-10, notebooks via papermill
 ASE calculator                         Eq. 11 forces for molecular dynamics
-Command-line entry                     train, evaluate, generate-md17, reproduce
+Using the potential                    TorchScript export; Sec. 3.3's short-range motivation:
+                                       bond compression vs GFN2-xTB, MD stability (make shortrange)
+Command-line entry                     train, evaluate, export, shortrange, generate-md17,
+                                       reproduce
 =====================================  ===================================================
 
 Units: positions in Angstrom everywhere. Energies are in the unit of the target the model is
@@ -393,19 +396,34 @@ def spherical_bessel_jn(x: Tensor, num_spherical: int) -> Tensor:
 
     # Power series on x <= series_limit (used only where x < max(l, 1)).
     xs = x.clamp(max=series_limit).unsqueeze(-1)
-    half_x2 = -0.5 * xs * xs
-    term = torch.ones_like(xs * orders)
-    series = term
-    for k in range(1, 24):
-        term = term * half_x2 / (k * (2 * orders + 2 * k + 1))
-        series = series + term
-    double_factorial = torch.tensor(
-        [float(np.prod(np.arange(2 * l + 1, 0, -2))) for l in range(num_spherical)],
-        dtype=x.dtype,
-        device=x.device,
-    )
-    series = xs.pow(orders) / double_factorial * series
+    series = _spherical_bessel_series(xs, orders, _series_coefficients(num_spherical, x))
     return torch.where(use_series, series, recurrence)
+
+
+SERIES_TERMS = 16  # j_l to ~5e-15 relative wherever the series is used (x < max(l, 1), l <= 6)
+
+
+def _series_coefficients(num_spherical: int, like: Tensor) -> Tensor:
+    """c[k, l] with j_l(x) = x^l sum_k c[k, l] x^(2k): c = (-1/2)^k / (k! prod_{m<=k}(2l+2m+1))
+    / (2l+1)!!, [SERIES_TERMS + 1, num_spherical] (float64 arithmetic, cast to `like`)."""
+    table = np.zeros((SERIES_TERMS + 1, num_spherical))
+    for l in range(num_spherical):
+        value = 1.0 / float(np.prod(np.arange(2 * l + 1, 0, -2)))
+        for k in range(SERIES_TERMS + 1):
+            if k:
+                value *= -0.5 / (k * (2 * l + 2 * k + 1))
+            table[k, l] = value
+    return torch.as_tensor(table, dtype=like.dtype, device=like.device)
+
+
+def _spherical_bessel_series(xs: Tensor, orders: Tensor, coefficients: Tensor) -> Tensor:
+    """x^l sum_k c[k, l] (x^2)^k by Horner's rule (one fused multiply-add per term); `orders`
+    and each coefficients[k] broadcast against xs."""
+    squared = xs * xs
+    series = coefficients[SERIES_TERMS].expand_as(squared * coefficients[0])
+    for k in range(SERIES_TERMS - 1, -1, -1):
+        series = torch.addcmul(coefficients[k], series, squared)
+    return xs.pow(orders) * series
 
 
 def spherical_bessel_own_order(x: Tensor) -> Tensor:
@@ -433,18 +451,8 @@ def spherical_bessel_own_order(x: Tensor) -> Tensor:
     recurrence = torch.cat(recurrence, dim=-2)
 
     xs = x.clamp(max=float(max(num_spherical - 1, 1)))
-    half_x2 = -0.5 * xs * xs
-    term = torch.ones_like(xs)
-    series = term
-    for k in range(1, 24):
-        term = term * half_x2 / (k * (2 * orders + 2 * k + 1))
-        series = series + term
-    double_factorial = torch.tensor(
-        [float(np.prod(np.arange(2 * l + 1, 0, -2))) for l in range(num_spherical)],
-        dtype=x.dtype,
-        device=x.device,
-    )[:, None]
-    series = xs.pow(orders) / double_factorial * series
+    coefficients = _series_coefficients(num_spherical, x).unsqueeze(-1)  # [K + 1, L, 1]
+    series = _spherical_bessel_series(xs, orders, coefficients)
     return torch.where(use_series, series, recurrence)
 
 
@@ -2558,7 +2566,10 @@ def git_state() -> dict:
         return subprocess.run(["git", *args], cwd=REPOSITORY_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()  # fmt: skip
     try:
-        return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
+        # dirty: uncommitted changes to the code; results/ is excluded, since a run rewrites the
+        # committed tables, figures and executed notebooks there itself
+        changes = run("status", "--porcelain", "--", ".", ":(exclude)results")
+        return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -3881,7 +3892,8 @@ def plot_compression_curves(curves: Sequence[pd.DataFrame], results_dir=None, na
         raise ValueError("no compression curves to plot")
     styles = {"DimezblNet": ("tab:red", "-", "DimezblNet"),
               "learned part": ("tab:purple", "--", "learned part (DimezblNet without ZBL)"),
-              "ZBL": ("k", ":", "ZBL alone (Eq. 8-10)"), "DimeNet": ("tab:blue", "-.", "DimeNet")}
+              "ZBL": ("k", ":", "ZBL alone (Eq. 8-10)"), "DimeNet": ("tab:blue", "-.", "DimeNet"),
+              "GFN2-xTB": ("tab:green", "-", "GFN2-xTB (reference)")}
     fig, axes = _figure(len(curves), width=5.2, height=4.3)
     for ax, curve in zip(axes[0], curves):
         for column, (color, linestyle, label) in styles.items():
@@ -4085,12 +4097,917 @@ class DimezblCalculator(_ase_calculator_base()):
 
 
 # =============================================================================================
+# --- Using the potential: TorchScript export, bond compression vs GFN2-xTB, MD stability ---
+# =============================================================================================
+# The export is a TorchScript module holding the trained weights and a scriptable copy of the
+# forward pass of `DimezblNet.atomic_outputs`: the graph and triplet indices in plain torch, and
+# the triplet sum as gather + index_add (the reference formula that `triplet_aggregate`'s sparse
+# products equal; tests/test_fast_paths.py). The custom autograd Functions and the CSR
+# `TripletPlan` do not script, and tracing would freeze the data-dependent shapes of the graph.
+# tests/test_export.py checks the file against the Python model.
+
+EXPORT_FORMAT = "dimezbl-torchscript/1"
+EXPORT_METADATA_FILE = "metadata.json"
+
+
+def _radius_graph_script(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
+    """`radius_graph` in TorchScript form (same pairs in the same order: sorted by target, source)."""
+    num_atoms = pos.size(0)
+    counts = torch.bincount(batch)
+    first_atom = torch.cumsum(counts, 0) - counts
+    pairs_per_atom = counts[batch]
+    target = torch.repeat_interleave(torch.arange(num_atoms, device=pos.device), pairs_per_atom)
+    pair_start = torch.cumsum(pairs_per_atom, 0) - pairs_per_atom
+    local = torch.arange(target.numel(), device=pos.device) - torch.repeat_interleave(pair_start, pairs_per_atom)
+    source = first_atom[batch[target]] + local
+    dist = torch.linalg.vector_norm(pos[target] - pos[source], dim=-1)
+    keep = (target != source) & (dist <= cutoff)
+    return torch.stack([source[keep], target[keep]])
+
+
+def _triplets_script(source: Tensor, target: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(idx_k, idx_kj, idx_ji) of `triplets` in TorchScript form (same triplets, same order)."""
+    in_degree = torch.bincount(target, minlength=num_nodes)
+    first_in_edge = torch.cumsum(in_degree, 0) - in_degree
+    num_triplets = in_degree[source]
+    idx_ji = torch.repeat_interleave(torch.arange(source.numel(), device=source.device), num_triplets)
+    triplet_start = torch.cumsum(num_triplets, 0) - num_triplets
+    local = torch.arange(idx_ji.numel(), device=source.device) - torch.repeat_interleave(triplet_start,
+                                                                                          num_triplets)
+    idx_kj = first_in_edge[source[idx_ji]] + local
+    keep = target[idx_ji] != source[idx_kj]
+    return source[idx_kj][keep], idx_kj[keep], idx_ji[keep]
+
+
+def _spherical_bessel_own_order_script(x: Tensor, double_factorial: Tensor) -> Tensor:
+    """`spherical_bessel_own_order` in TorchScript form: j_l(x[..., l, n]) for x [..., L, R] with
+    the same two branches (upward recurrence where x >= max(l, 1), power series below);
+    double_factorial [L, 1] = (2l+1)!!."""
+    num_spherical = x.size(-2)
+    orders = torch.arange(num_spherical, device=x.device, dtype=x.dtype).unsqueeze(1)  # [L, 1]
+    use_series = x < orders.clamp(min=1.0)
+    xr = x.clamp(min=1.0)
+    sin, cos = torch.sin(xr), torch.cos(xr)
+    j = [sin / xr, sin / xr**2 - cos / xr]  # j_0, j_1 on every slice
+    for order in range(1, num_spherical - 1):
+        j.append((2 * order + 1) / xr * j[order] - j[order - 1])
+    recurrence = torch.stack([j[l].select(-2, l) for l in range(num_spherical)], dim=-2)
+    xs = x.clamp(max=float(max(num_spherical - 1, 1)))
+    half_x2 = -0.5 * xs * xs
+    term = torch.ones_like(xs)
+    series = term
+    for k in range(1, 24):
+        term = term * half_x2 / (k * (2 * orders + 2 * k + 1))
+        series = series + term
+    series = xs.pow(orders) / double_factorial * series
+    return torch.where(use_series, series, recurrence)
+
+
+class _ScriptSphericalBasis(nn.Module):
+    """`SphericalBasisLayer.radial`, `.angular` and `.combine` with the constants as buffers."""
+
+    def __init__(self, sbf: SphericalBasisLayer, dtype: torch.dtype):
+        super().__init__()
+        self.cutoff, self.num_spherical = float(sbf.cutoff), int(sbf.num_spherical)
+        self.envelope = copy.deepcopy(sbf.envelope)
+        arrays = sbf.constants.arrays
+        self.register_buffer("zeros", torch.tensor(arrays["zeros"], dtype=dtype))
+        self.register_buffer("normalizer", torch.tensor(arrays["normalizer"], dtype=dtype))
+        self.register_buffer("sph_prefactor", torch.tensor(arrays["sph_prefactor"], dtype=dtype))
+        factorials = [float(np.prod(np.arange(2 * l + 1, 0, -2))) for l in range(sbf.num_spherical)]
+        self.register_buffer("double_factorial", torch.tensor(factorials, dtype=dtype)[:, None])
+
+    def forward(self, dist: Tensor, cos_angle: Tensor, idx_kj: Tensor) -> Tensor:
+        x = dist / self.cutoff
+        jl = _spherical_bessel_own_order_script(x[:, None, None] * self.zeros, self.double_factorial)
+        radial = self.envelope(x)[:, None, None] * jl * self.normalizer  # [E, L, R]
+        legendre = [torch.ones_like(cos_angle), cos_angle]
+        for l in range(1, self.num_spherical - 1):
+            legendre.append(((2 * l + 1) * cos_angle * legendre[l] - l * legendre[l - 1]) / (l + 1))
+        angular = torch.stack(legendre[: self.num_spherical], dim=-1) * self.sph_prefactor  # [T, L]
+        return (radial[idx_kj] * angular.unsqueeze(-1)).reshape(idx_kj.numel(), -1)  # [T, L * R]
+
+
+class _ScriptZBL(nn.Module):
+    """`ZBL.forward` (all three reaches) in TorchScript form: per-atom energies [N]."""
+
+    def __init__(self, zbl: ZBL, dtype: torch.dtype):
+        super().__init__()
+        self.reach, self.unit = zbl.reach, zbl.unit
+        self.coulomb = coulomb_constant(zbl.unit)
+        self.cutoff_a, self.inner_a, self.outer_a = float(zbl.cutoff_a), float(zbl.inner_a), float(zbl.outer_a)
+        self.envelope_p = int(zbl.envelope_p)
+        self.screening_length_a, self.screening_exponent = ZBL_SCREENING_LENGTH_A, ZBL_SCREENING_EXPONENT
+        self.coefficients = [float(c) for c in ZBL_PHI_COEFFICIENTS]
+        self.exponents = [float(d) for d in ZBL_PHI_EXPONENTS]
+        self.register_buffer("scale", zbl.scale.detach().to(dtype).clone())
+        self.register_buffer("covalent_radii", torch.tensor(covalent_radii_a(), dtype=dtype))
+
+    def energy_and_derivatives(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        z_i, z_j = z_i.to(r.dtype), z_j.to(r.dtype)
+        a = self.screening_length_a / (z_i**self.screening_exponent + z_j**self.screening_exponent)
+        x = r / a
+        phi, dphi, d2phi = torch.zeros_like(r), torch.zeros_like(r), torch.zeros_like(r)
+        for c, d in zip(self.coefficients, self.exponents):
+            e = c * torch.exp(-d * x)
+            phi, dphi, d2phi = phi + e, dphi - d * e, d2phi + d * d * e
+        prefactor = self.coulomb * z_i * z_j
+        return (prefactor * phi / r, prefactor * (dphi / (a * r) - phi / r**2),
+                prefactor * (d2phi / (a * a * r) - 2 * dphi / (a * r**2) + 2 * phi / r**3))
+
+    def forward(self, z: Tensor, source: Tensor, target: Tensor, dist: Tensor) -> Tensor:
+        z_i, z_j = z[target], z[source]
+        energy = self.energy_and_derivatives(z_i, z_j, dist)[0]
+        if self.reach == "cutoff":
+            pair = energy * envelope_polynomial(dist / self.cutoff_a, self.envelope_p)
+        elif self.reach == "covalent":
+            pair = energy * envelope_polynomial(dist / (self.covalent_radii[z_i] + self.covalent_radii[z_j]),
+                                                self.envelope_p)
+        else:  # LAMMPS pair_style zbl inner outer
+            fc, dfc, d2fc = self.energy_and_derivatives(z_i, z_j, torch.full_like(dist, self.outer_a))
+            tc = self.outer_a - self.inner_a
+            a = (-3 * dfc + tc * d2fc) / tc**2
+            b = (2 * dfc - tc * d2fc) / tc**3
+            c = -fc + tc / 2 * dfc - tc**2 / 12 * d2fc
+            t = (dist - self.inner_a).clamp(min=0.0)
+            switched = energy + c + a / 3 * t**3 + b / 4 * t**4
+            pair = torch.where(dist < self.outer_a, switched, torch.zeros_like(switched))
+        return self.scale * scatter_sum(0.5 * pair, target, z.numel())
+
+
+def _triplet_sum(s: Tensor, x: Tensor, idx_kj: Tensor, idx_ji: Tensor, num_edges: int) -> Tensor:
+    """A[ji, b, :] = sum_k s[t, b] x[kj, :]: [E, B, H], by gather + index_add (the formula that
+    `triplet_aggregate` evaluates as sparse products)."""
+    per_triplet = s.unsqueeze(-1) * x[idx_kj].unsqueeze(1)  # [T, B, H]
+    out = x.new_zeros([num_edges, per_triplet.size(1), per_triplet.size(2)])
+    return out.index_add_(0, idx_ji, per_triplet)
+
+
+class _ScriptInteraction(nn.Module):
+    """`InteractionBlock` (DimeNet's bilinear layer) with `_triplet_sum`, and its output block."""
+
+    def __init__(self, block: InteractionBlock, output: OutputBlock):
+        super().__init__()
+        self.lin_rbf, self.lin_sbf, self.lin_kj, self.lin_ji = block.lin_rbf, block.lin_sbf, block.lin_kj, block.lin_ji
+        self.W, self.lin = block.W, block.lin
+        self.layers_before_skip, self.layers_after_skip = block.layers_before_skip, block.layers_after_skip
+        self.output = output
+
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
+        hidden, num_bilinear = self.W.size(0), self.W.size(1)
+        x_ji = F.silu(self.lin_ji(x))
+        x_kj = F.silu(self.lin_kj(x)) * self.lin_rbf(rbf)
+        aggregated = _triplet_sum(self.lin_sbf(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, H]
+        w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
+        h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = F.silu(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class _ScriptInteractionPP(nn.Module):
+    """`InteractionPPBlock` (DimeNet++) with `_triplet_sum`, and its output block."""
+
+    def __init__(self, block: InteractionPPBlock, output: OutputBlock):
+        super().__init__()
+        self.lin_rbf1, self.lin_rbf2, self.lin_sbf1, self.lin_sbf2 = (block.lin_rbf1, block.lin_rbf2,
+                                                                      block.lin_sbf1, block.lin_sbf2)
+        self.lin_kj, self.lin_ji, self.lin_down, self.lin_up = block.lin_kj, block.lin_ji, block.lin_down, block.lin_up
+        self.lin = block.lin
+        self.layers_before_skip, self.layers_after_skip = block.layers_before_skip, block.layers_after_skip
+        self.output = output
+
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
+        x_ji = F.silu(self.lin_ji(x))
+        x_kj = F.silu(self.lin_down(F.silu(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))))
+        aggregated = _triplet_sum(self.lin_sbf1(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, int_emb]
+        messages = (aggregated * self.lin_sbf2.weight.t().unsqueeze(0)).sum(1)
+        h = x_ji + F.silu(self.lin_up(messages))
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = F.silu(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class ExportedPotential(nn.Module):
+    """What `export_model` scripts: forward(z int64 [N], pos [N, 3] Angstrom, batch int64 [N]
+    sorted) -> (energy [B], forces [N, 3] = -dE/dpos), in `energy_unit` and energy_unit/Angstrom,
+    without the training offset (energy + offset_per_molecule + offset_per_atom * n_atoms is the
+    absolute energy). `energy(z, pos, batch)` gives the energies alone. The same checks as
+    `DimezblNet` (shapes, Z = 1..94, finite positions, sorted batch, coincident atoms) and, when
+    `elements` is not empty, only the trained elements."""
+
+    def __init__(self, model: DimezblNet, energy_unit: str, offset, elements, dtype: torch.dtype):
+        super().__init__()
+        model = copy.deepcopy(model).to(dtype=dtype, device="cpu").eval()
+        self.cutoff, self.dimenet_angle = float(model.cutoff), model.variant == "dimenet"
+        self.energy_unit = energy_unit
+        self.max_atomic_number, self.min_pair_distance_a = MAX_ATOMIC_NUMBER, MIN_PAIR_DISTANCE_A
+        self.offset_per_molecule, self.offset_per_atom = float(offset[0]), float(offset[1])
+        self.register_buffer("elements", torch.tensor([int(e) for e in (elements or [])], dtype=torch.long))
+        self.rbf, self.emb, self.output0 = model.rbf, model.emb, model.output_blocks[0]
+        self.sbf = _ScriptSphericalBasis(model.sbf, dtype)
+        wrapper = _ScriptInteractionPP if model.variant == "dimenet++" else _ScriptInteraction
+        self.blocks = nn.ModuleList([wrapper(block, output) for block, output in
+                                     zip(model.interaction_blocks, model.output_blocks[1:])])
+        self.has_zbl = model.zbl is not None
+        self.zbl = _ScriptZBL(model.zbl, dtype) if model.zbl is not None else _ScriptZBL(ZBL(energy_unit), dtype)
+
+    def check(self, z: Tensor, pos: Tensor, batch: Tensor) -> int:
+        """Raise on bad input (as DimezblNet does); returns the number of molecules."""
+        if z.dim() != 1 or z.numel() == 0 or z.dtype != torch.long:
+            raise ValueError("z must be a non-empty int64 tensor [num_atoms] of atomic numbers")
+        if pos.dim() != 2 or pos.size(0) != z.size(0) or pos.size(1) != 3 or not pos.is_floating_point():
+            raise ValueError("pos must be a floating point tensor [num_atoms, 3] (Angstrom) matching z")
+        if batch.shape != z.shape or batch.dtype != torch.long:
+            raise ValueError("batch must be an int64 tensor [num_atoms] (molecule index of each atom)")
+        if bool(((z < 1) | (z > self.max_atomic_number)).any()):
+            raise ValueError("atomic numbers must be in 1..94")
+        if self.elements.numel() > 0:
+            if not bool(torch.isin(z, self.elements.to(z.device)).all()):
+                raise ValueError("an element was not in the training data of this model (see its elements)")
+        if not bool(torch.isfinite(pos).all()):
+            raise ValueError("pos holds NaN or inf")
+        if int(batch[0]) < 0 or bool((batch[1:] < batch[:-1]).any()):
+            raise ValueError("batch must be non-negative and sorted (atoms of each molecule contiguous)")
+        num_molecules = int(batch[-1]) + 1
+        if bool((torch.bincount(batch, minlength=num_molecules) == 0).any()):
+            raise ValueError("a molecule of the batch has no atoms")
+        return num_molecules
+
+    def _energy(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
+        num_atoms = z.numel()
+        with torch.no_grad():
+            edge_index = _radius_graph_script(pos.detach(), batch, self.cutoff)
+            j, i = edge_index[0], edge_index[1]
+            idx_k, idx_kj, idx_ji = _triplets_script(j, i, num_atoms)
+        vec = pos[i] - pos[j]  # R_i - R_j, [E, 3]
+        dist = torch.linalg.vector_norm(vec, dim=-1)
+        if bool((dist < self.min_pair_distance_a).any()):
+            raise ValueError("coincident atoms: a distance is below 0.01 Angstrom")
+        if self.dimenet_angle:  # between R_j - R_i and R_k - R_i
+            vec_ki = pos[idx_k] - pos[i[idx_ji]]
+            cos_angle = -(vec[idx_ji] * vec_ki).sum(-1) / (dist[idx_ji] * torch.linalg.vector_norm(vec_ki, dim=-1))
+        else:  # DimeNet++: between R_i - R_j and R_j - R_k
+            cos_angle = (vec[idx_ji] * vec[idx_kj]).sum(-1) / (dist[idx_ji] * dist[idx_kj])
+        rbf = self.rbf(dist)
+        sbf = self.sbf(dist, cos_angle, idx_kj)
+        x = self.emb(z, rbf, i, j)
+        out = self.output0(x, rbf, i, num_atoms)
+        for block in self.blocks:
+            x = block(x, rbf, sbf, idx_kj, idx_ji)
+            out = out + block.output(x, rbf, i, num_atoms)
+        out = out.squeeze(-1)
+        if self.has_zbl:
+            out = out + self.zbl(z, j, i, dist)
+        return scatter_sum(out, batch, num_molecules)
+
+    @torch.jit.export
+    def energy(self, z: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """Energies [B] (energy_unit, without the offset)."""
+        num_molecules = self.check(z, pos, batch)
+        return self._energy(z, pos.to(self.rbf.freq.dtype), batch, num_molecules)
+
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor) -> Tuple[Tensor, Tensor]:
+        num_molecules = self.check(z, pos, batch)
+        if not torch.is_grad_enabled():  # TorchScript has no enable_grad()
+            raise RuntimeError("forces are -dE/dpos: call the exported model with gradients enabled (not "
+                               "under torch.no_grad() or torch.inference_mode()); .energy() works under both")
+        position = pos.detach().to(self.rbf.freq.dtype).requires_grad_(True)
+        energy = self._energy(z, position, batch, num_molecules)
+        forces = torch.zeros_like(position)
+        if energy.requires_grad:  # a lone atom has no edges and so no forces
+            gradient = torch.autograd.grad([energy.sum()], [position], allow_unused=True)[0]
+            if gradient is not None:
+                forces = -gradient
+        return energy.detach(), forces.detach()
+
+
+def export_model(source, path, dtype=None, restrict_elements: bool = True) -> dict:
+    """Write a trained model as one self-contained TorchScript file, loadable with plain
+    `torch.jit.load(path)` (no dimezbl_core needed): forward(z int64 [N], pos [N, 3] in Angstrom,
+    batch int64 [N]) -> (energy [B], forces [N, 3]) in the model's unit (kcal/mol and kcal/mol/A
+    for MD17, eV for QM9 energies), see `ExportedPotential`.
+
+    source: a checkpoint path (its EMA weights, training offset and elements) or a DimezblNet
+    (offset 0, all elements). dtype: float32 or float64; None keeps the checkpoint's training
+    dtype (a model object's parameter dtype). restrict_elements: the file refuses elements the
+    checkpoint was not trained on (as DimezblCalculator). The file's extra file metadata.json (read it with
+    torch.jit.load(path, _extra_files={"metadata.json": ""})) and the module attributes
+    energy_unit, offset_per_molecule, offset_per_atom, elements record the unit and the
+    offset. Returns the metadata.
+    """
+    path = Path(path)
+    if isinstance(source, DimezblNet):
+        model, offset, elements, origin = source, (0.0, 0.0), None, {"source": "DimezblNet object"}
+        unit = model.zbl.unit if model.zbl is not None else model.hparams["zbl_unit"]
+        dtype = dtype or next(model.parameters()).dtype
+    elif isinstance(source, (str, os.PathLike)):
+        checkpoint = load_checkpoint(source)
+        config = TrainConfig.from_dict(checkpoint["config"])
+        if config.dataset == "qm9" and config.target not in QM9_ENERGY_TARGETS:
+            raise ValueError(f"checkpoint {source} predicts {config.target}, not an energy: export needs a "
+                             f"model of {', '.join(QM9_ENERGY_TARGETS)} or an MD17 molecule")
+        model = build_model(config)
+        model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
+        offset, elements = checkpoint.get("offset", (0.0, 0.0)), checkpoint.get("elements")
+        unit = reporting_unit(config)["energy"] if config.dataset == "md17" else "eV"
+        dtype = dtype or getattr(torch, config.dtype)
+        origin = {"source": str(source), "dataset": config.dataset, "target": config.target,
+                  "model": config.model_name, "profile": config.profile, "seed": config.seed}
+    else:
+        raise TypeError(f"export_model needs a checkpoint path or a DimezblNet, got {type(source).__name__}")
+    if model.out_channels != 1:
+        raise ValueError("export needs an energy model (out_channels = 1): forces are -dE/dpos")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.float64")
+    elements = [int(e) for e in elements] if (restrict_elements and elements is not None) else []
+    offset = [float(offset[0]), float(offset[1])]
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; torch.export cannot hold the
+        warnings.simplefilter("ignore", DeprecationWarning)  # data-dependent graph with autograd.grad inside
+        scripted = torch.jit.script(ExportedPotential(model, unit, offset, elements, dtype))
+    metadata = {"format": EXPORT_FORMAT, "energy_unit": unit, "forces_unit": f"{unit}/Angstrom",
+                "position_unit": "Angstrom", "dtype": str(dtype).replace("torch.", ""),
+                "offset": {"per_molecule": offset[0], "per_atom": offset[1], "unit": unit,
+                           "meaning": "absolute energy = energy + per_molecule + per_atom * n_atoms"},
+                "elements": elements, "hparams": model.hparams, **origin, "git": git_state(),
+                "torch": torch.__version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "usage": "energy, forces = torch.jit.load(path)(z_int64[N], pos[N, 3]_angstrom, batch_int64[N])"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, buffer, _extra_files={EXPORT_METADATA_FILE: json.dumps(metadata, indent=2,
+                                                                                         default=str)})
+    _atomic_write_bytes(path, buffer.getvalue())
+    return metadata
+
+
+def load_exported(path) -> tuple:
+    """(TorchScript module, metadata dict) of a file written by `export_model`."""
+    extra = {EXPORT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra[EXPORT_METADATA_FILE])
+
+
+# --- the short-range experiment (Sec. 3.3's motivation for ZBL) ---
+# Two questions about the trained models away from the training data: (a) does compressing a bond
+# raise the energy as the reference method does (no spurious hole at short range)? (b) do molecular
+# dynamics trajectories at 500-1500 K stay physical? GFN2-xTB (tblite), the method that generated
+# the offline MD17 data, is the reference for both. Budgets are per profile (SHORTRANGE_BUDGETS).
+
+SHORTRANGE_LOG = logging.getLogger("dimezbl.shortrange")
+SHORTRANGE_TEMPERATURES_K = (500.0, 1000.0, 1500.0)
+SHORTRANGE_ENSEMBLES = ("langevin", "nve")
+SHORTRANGE_MODELS = ("dimenet", "dimezblnet")
+REFERENCE_MODEL = "gfn2-xtb"  # the reference method's rows in the MD tables
+MODEL_LABELS_SHORTRANGE = {**MODEL_LABELS, REFERENCE_MODEL: "GFN2-xTB"}
+CLOSE_CONTACT_A = 0.5  # Angstrom: two atoms closer than this are an unphysical state
+BOND_BREAK_FACTOR = 2.0  # a starting bond longer than 2x its starting length is broken
+SHORTRANGE_TIMESTEP_FS = 0.5  # MD17's time step
+SHORTRANGE_CHECK_EVERY = 10  # MD steps between checks of the state (5 fs at 0.5 fs)
+# Per profile: MD steps per trajectory, seeds per (molecule, ensemble, temperature, model), and the
+# spacing of the bond-compression grid (0.3 to 3 A). smoke: ~10 min on 2 CPU cores with the smoke
+# models (100 fs per trajectory: a check of the pipeline more than of the models).
+SHORTRANGE_BUDGETS = {
+    "smoke": dict(n_steps=200, seeds=(0, 1), compression_step_a=0.05),
+    "cpu": dict(n_steps=4000, seeds=(0, 1, 2, 3, 4), compression_step_a=0.025),
+    "paper": dict(n_steps=20000, seeds=tuple(range(10)), compression_step_a=0.025),
+}
+
+
+def shortrange_checkpoints(profile: str = "smoke", molecules: Sequence[str] = MD17_MOLECULES,
+                           seed: Optional[int] = None, results_dir=None) -> pd.DataFrame:
+    """The best checkpoints of the MD17 DimeNet and DimezblNet runs of a profile (those of
+    `make reproduce PROFILE=profile`), one row per (molecule, model): molecule, model, seed,
+    checkpoint, run_dir, profile, git_commit. Raises FileNotFoundError naming the command when a
+    run is missing (checkpoints are not committed: they exist where `make reproduce` ran)."""
+    runs = collect_runs(profile, "md17", results_dir)
+    rows = []
+    for molecule in molecules:
+        molecule = md17_molecule_name(molecule)
+        for model in SHORTRANGE_MODELS:
+            try:
+                path = checkpoint_path(runs, molecule, model, seed, results_dir)
+            except (ValueError, FileNotFoundError) as error:
+                raise FileNotFoundError(
+                    f"no {profile}-profile MD17 {model} checkpoint for {molecule} under "
+                    f"{results_path(results_dir, 'runs', profile)} ({error}): run `make reproduce "
+                    f"PROFILE={profile}` first (it trains the models; checkpoints are not committed)") from None
+            row = runs[(runs["target"] == molecule) & (runs["model"] == model)].sort_values("seed")
+            row = row[row["seed"] == seed].iloc[0] if seed is not None else row.iloc[0]
+            rows.append({"molecule": molecule, "model": model, "seed": int(row["seed"]), "checkpoint": str(path),
+                         "run_dir": row["run_dir"], "profile": profile, "git_commit": row["git_commit"]})
+    return pd.DataFrame(rows)
+
+
+def _checkpoint_of(checkpoints: pd.DataFrame, molecule: str, model: str) -> str:
+    rows = checkpoints[(checkpoints["molecule"] == molecule) & (checkpoints["model"] == model)]
+    if rows.empty:
+        raise ValueError(f"no {model} checkpoint for {molecule} in the checkpoints table "
+                         "(see shortrange_checkpoints)")
+    return rows["checkpoint"].iloc[0]
+
+
+def unphysical_state(positions, reference) -> Optional[str]:
+    """Why the positions [N, 3] (Angstrom) of the molecule `reference` (ase.Atoms, the starting
+    geometry) are an unphysical state, or None. Checked in this order:
+
+    - "not finite": a position is NaN or inf;
+    - "close contact": two atoms closer than CLOSE_CONTACT_A = 0.5 A (no covalent bond is shorter:
+      H-H is 0.74 A);
+    - "bond broken": a bond of `bond_graph(reference)` is longer than BOND_BREAK_FACTOR = 2 x its
+      length in `reference`;
+    - "new bond": two atoms that are not bonded in `reference` come closer than `bond_graph`'s own
+      criterion, 1.2 x the sum of their covalent radii (this also flags real chemistry such as a
+      proton transfer; the GFN2-xTB rows of the MD tables show how often the reference does it).
+
+    The reason names the atoms and the distance, e.g. "close contact: atoms 2-5 at 0.41 A".
+    """
+    from ase.data import covalent_radii
+
+    positions = np.asarray(positions, dtype=np.float64)
+    if not np.isfinite(positions).all():
+        return "not finite: a position is NaN or inf"
+    numbers, start = reference.numbers, reference.get_positions()
+    n = len(numbers)
+    distance = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    start_distance = np.linalg.norm(start[:, None] - start[None], axis=-1)
+    bonded = np.zeros((n, n), dtype=bool)
+    for i, j in bond_graph(reference):
+        bonded[i, j] = True
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
+    radii = covalent_radii[numbers]
+    checks = (
+        ("close contact", upper & (distance < CLOSE_CONTACT_A)),
+        ("bond broken", bonded & (distance > BOND_BREAK_FACTOR * start_distance)),
+        ("new bond", upper & ~bonded & (distance < BOND_CUTOFF_FACTOR * (radii[:, None] + radii[None]))),
+    )
+    for name, flagged in checks:
+        if flagged.any():
+            i, j = np.argwhere(flagged)[0]
+            return (f"{name}: atoms {i}-{j} ({reference.get_chemical_symbols()[i]}-"
+                    f"{reference.get_chemical_symbols()[j]}) at {distance[i, j]:.2f} A "
+                    f"(start {start_distance[i, j]:.2f} A)")
+    return None
+
+
+def md_trajectory(atoms, calculator, ensemble: str = "langevin", temperature_k: float = 500.0, seed: int = 0,
+                  n_steps: int = 200, timestep_fs: float = SHORTRANGE_TIMESTEP_FS,
+                  friction_per_fs: float = LANGEVIN_FRICTION_PER_FS,
+                  check_every: int = SHORTRANGE_CHECK_EVERY) -> dict:
+    """One MD trajectory of `atoms` (its positions are the start and the reference of
+    `unphysical_state`) with an ASE calculator, stopped at the first unphysical state.
+
+    ensemble "langevin": ase.md.langevin.Langevin at temperature_k (K), friction_per_fs (1/fs);
+    "nve": ase.md.verlet.VelocityVerlet. Both start from Maxwell-Boltzmann momenta at
+    temperature_k (rng seed `seed`, no centre-of-mass motion or rotation); timestep_fs (fs). The
+    state is checked every `check_every` steps; a calculator error (e.g. coincident atoms) also
+    ends the trajectory as unphysical. Returns: steps, time_fs, unphysical, reason,
+    failure_time_fs (NaN if none), energy_drift_ev_atom_ps (NVE: least-squares slope of the total
+    energy over the physical part, eV/atom/ps; NaN for Langevin or under 3 samples),
+    max_energy_error_ev_atom (NVE: max |E_total - E_total(0)| per atom, eV), wall_s.
+    """
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
+    from ase.md.verlet import VelocityVerlet
+
+    if ensemble not in SHORTRANGE_ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}: use one of {SHORTRANGE_ENSEMBLES}")
+    if n_steps < 1 or check_every < 1 or timestep_fs <= 0 or temperature_k <= 0:
+        raise ValueError(f"need n_steps >= 1, check_every >= 1, timestep_fs > 0, temperature_k > 0; got "
+                         f"{n_steps}, {check_every}, {timestep_fs}, {temperature_k}")
+    reference = atoms.copy()
+    atoms = atoms.copy()
+    atoms.calc = calculator
+    rng = np.random.default_rng(seed)
+    _thermalize_momenta(atoms, temperature_k, rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    if ensemble == "langevin":
+        atoms.set_constraint(FixCom())  # as generate_md17: no drift of the centre of mass
+        dynamics = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_k,
+                            friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
+    else:
+        dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    start = time.perf_counter()
+    times_fs, totals_ev, steps, reason = [], [], 0, None
+    try:
+        times_fs.append(0.0)
+        totals_ev.append(atoms.get_total_energy())
+        while steps < n_steps and reason is None:
+            block = min(check_every, n_steps - steps)
+            dynamics.run(block)
+            steps += block
+            reason = unphysical_state(atoms.get_positions(), reference)
+            total = atoms.get_total_energy()
+            if reason is None and not np.isfinite(total):
+                reason = "not finite: the energy is NaN or inf"
+            if reason is None:
+                times_fs.append(steps * timestep_fs)
+                totals_ev.append(total)
+    except Exception as error:  # an outcome of the trajectory (coincident atoms, SCF failure), recorded
+        reason = f"calculator error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    n_atoms = len(atoms)
+    times_ps, totals = np.asarray(times_fs) / 1000.0, np.asarray(totals_ev) / n_atoms
+    nve = ensemble == "nve"
+    drift = float(np.polyfit(times_ps, totals, 1)[0]) if nve and len(totals) >= 3 else math.nan
+    return {"steps": steps, "time_fs": steps * timestep_fs, "unphysical": reason is not None,
+            "reason": reason or "", "failure_time_fs": steps * timestep_fs if reason else math.nan,
+            "energy_drift_ev_atom_ps": drift,
+            "max_energy_error_ev_atom": float(np.abs(totals - totals[0]).max()) if nve and len(totals) else math.nan,
+            "wall_s": round(time.perf_counter() - start, 3)}
+
+
+def md_stability(checkpoints: pd.DataFrame, molecules: Optional[Sequence[str]] = None,
+                 temperatures_k: Sequence[float] = SHORTRANGE_TEMPERATURES_K,
+                 ensembles: Sequence[str] = SHORTRANGE_ENSEMBLES, seeds: Sequence[int] = (0, 1),
+                 n_steps: int = 200, timestep_fs: float = SHORTRANGE_TIMESTEP_FS,
+                 check_every: int = SHORTRANGE_CHECK_EVERY, reference: bool = True, device: str = "cpu",
+                 progress: bool = True) -> pd.DataFrame:
+    """`md_trajectory` for every molecule x ensemble x temperature x seed x model (the models of
+    `checkpoints`, see `shortrange_checkpoints`, through `DimezblCalculator` in float64; with
+    reference=True also GFN2-xTB). Every trajectory starts from the GFN2-xTB optimised geometry
+    of the molecule (`optimise_md17_geometry`), the same for all models. One row per trajectory:
+    molecule, n_atoms, model, ensemble, temperature_k, seed, n_steps_budget and `md_trajectory`'s
+    results."""
+    from tqdm.auto import tqdm
+
+    molecules = list(dict.fromkeys(checkpoints["molecule"])) if molecules is None else \
+        [md17_molecule_name(m) for m in molecules]
+    for ensemble in ensembles:
+        if ensemble not in SHORTRANGE_ENSEMBLES:
+            raise ValueError(f"unknown ensemble {ensemble!r}: use one of {SHORTRANGE_ENSEMBLES}")
+    models = [m for m in SHORTRANGE_MODELS if m in set(checkpoints["model"])]
+    tasks = [(molecule, ensemble, float(t), int(s)) for molecule in molecules for ensemble in ensembles
+             for t in temperatures_k for s in seeds]
+    rows = []
+    bar = tqdm(total=len(tasks) * (len(models) + bool(reference)), desc="MD stability", unit="trajectory",
+               disable=not progress)
+    for molecule in molecules:
+        atoms, _ = optimise_md17_geometry(molecule)
+        calculators = {model: DimezblCalculator.from_checkpoint(_checkpoint_of(checkpoints, molecule, model),
+                                                                device=device) for model in models}
+        if reference:
+            calculators[REFERENCE_MODEL] = xtb_calculator()
+        for _, ensemble, temperature_k, seed in (task for task in tasks if task[0] == molecule):
+            for model, calculator in calculators.items():
+                bar.set_postfix_str(f"{molecule} {ensemble} {temperature_k:g} K seed {seed} {model}")
+                result = md_trajectory(atoms, calculator, ensemble, temperature_k, seed, n_steps, timestep_fs,
+                                       check_every=check_every)
+                rows.append({"molecule": molecule, "n_atoms": len(atoms), "model": model, "ensemble": ensemble,
+                             "temperature_k": temperature_k, "seed": seed, "n_steps_budget": n_steps,
+                             "timestep_fs": timestep_fs, **result})
+                if result["unphysical"]:
+                    SHORTRANGE_LOG.info("%s %s %s %g K seed %d: unphysical after %g fs (%s)", molecule, model, ensemble,
+                             temperature_k, seed, result["failure_time_fs"], result["reason"])
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def summarize_md_stability(trajectories: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, ensemble, temperature_k) over all molecules and seeds: trajectories,
+    unphysical (count), unphysical_percent, median failure time (fs), the reasons counted, and
+    for NVE the median |energy drift| (eV/atom/ps) and max |E_total - E_total(0)| (eV/atom) of
+    the trajectories that stayed physical."""
+    rows = []
+    order = {name: k for k, name in enumerate((*SHORTRANGE_MODELS, REFERENCE_MODEL))}
+    for (model, ensemble, temperature), group in trajectories.groupby(["model", "ensemble", "temperature_k"]):
+        failed, physical = group[group["unphysical"]], group[~group["unphysical"]]
+        reasons = failed["reason"].str.split(":").str[0].value_counts()
+        nve = ensemble == "nve" and len(physical)
+        rows.append({
+            "model": MODEL_LABELS_SHORTRANGE.get(model, model), "ensemble": ensemble,
+            "temperature_k": temperature, "molecules": group["molecule"].nunique(), "trajectories": len(group),
+            "unphysical": len(failed), "unphysical_percent": round(100.0 * len(failed) / len(group), 1),
+            "median_failure_time_fs": failed["failure_time_fs"].median() if len(failed) else math.nan,
+            "reasons": "; ".join(f"{name} {count}" for name, count in reasons.items()) or "none",
+            "median_abs_drift_ev_atom_ps": physical["energy_drift_ev_atom_ps"].abs().median() if nve else math.nan,
+            "max_energy_error_ev_atom": physical["max_energy_error_ev_atom"].max() if nve else math.nan,
+            "simulated_time_fs": group["n_steps_budget"].iloc[0] * group["timestep_fs"].iloc[0],
+            "_order": order.get(model, len(order)),
+        })  # fmt: skip
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(["ensemble", "temperature_k", "_order"]).drop(columns="_order").reset_index(drop=True)
+
+
+# --- bond compression against GFN2-xTB ---
+
+def element_pair_bonds(atoms) -> list:
+    """One bond (i, j) per element pair of `bond_graph(atoms)` (C-H, C-C, C-O, O-H, N-H, C-N, ...):
+    the lowest-index bond of each pair; j, the atom that moves in a compression curve, is the H
+    where there is one, else the higher index. Sorted by the pair's symbols."""
+    symbols = atoms.get_chemical_symbols()
+    chosen = {}
+    for i, j in sorted(bond_graph(atoms)):
+        if symbols[i] == "H" and symbols[j] != "H":
+            i, j = j, i
+        pair = tuple(sorted((symbols[i], symbols[j])))
+        chosen.setdefault(pair, (i, j))
+    return [chosen[pair] for pair in sorted(chosen)]
+
+
+def xtb_bond_scan(atoms, bond, distances_a, unit: str = "kcal/mol", num_threads: int = 1) -> np.ndarray:
+    """GFN2-xTB energies E(r) - E(r0) in `unit` of `atoms` with atom j of bond (i, j) moved
+    along the bond to d_ij = r (distances_a, Angstrom), as `compression_curve` moves it; r0 is
+    the bond length in `atoms`. NaN (logged) where tblite does not converge."""
+    i, j = _bond_atoms(atoms, bond)
+    base = atoms.get_positions()
+    r0 = float(np.linalg.norm(base[j] - base[i]))
+    unit_vector = (base[j] - base[i]) / r0
+    probe = atoms.copy()
+    probe.calc = xtb_calculator(num_threads)
+    per_ev = 1.0 / energy_unit_in_ev(unit)
+    energies = []
+    for r in np.append(np.asarray(distances_a, dtype=np.float64), r0):  # the last one is the reference
+        positions = base.copy()
+        positions[j] = base[i] + r * unit_vector
+        probe.set_positions(positions)
+        try:
+            energies.append(probe.get_potential_energy() * per_ev)
+        except Exception as error:  # tblite's SCF at extreme compression
+            SHORTRANGE_LOG.warning("GFN2-xTB failed at r = %.3f A for bond %d-%d: %s", r, i, j, error)
+            energies.append(math.nan)
+    energies = np.asarray(energies)
+    return energies[:-1] - energies[-1]
+
+
+def compression_curve_with_reference(checkpoint, bond, atoms=None, distances_a=None, dimenet_checkpoint=None,
+                                     device: str = "cpu") -> pd.DataFrame:
+    """`compression_curve` with a "GFN2-xTB" column: the reference method on the same
+    geometries (`xtb_bond_scan`), relative to r0, in the model's unit (kcal/mol for MD17)."""
+    curve = compression_curve(checkpoint, bond, atoms, distances_a, dimenet_checkpoint, device)
+    if atoms is None:
+        config = TrainConfig.from_dict(load_checkpoint(checkpoint)["config"])
+        atoms = md17_start_geometry(config.target)[0] if config.dataset == "md17" else None
+        if atoms is None:
+            raise ValueError("give `atoms` for a QM9 model's compression curve with the GFN2-xTB reference")
+    curve["GFN2-xTB"] = xtb_bond_scan(atoms, bond, curve["distance_a"].to_numpy(), curve.attrs["unit"])
+    return curve
+
+
+def shortrange_compression(checkpoints: pd.DataFrame, molecules: Optional[Sequence[str]] = None,
+                           distances_a=None, device: str = "cpu", progress: bool = True) -> list:
+    """`compression_curve_with_reference` for each molecule and each of its `element_pair_bonds`,
+    on the GFN2-xTB optimised geometry (r0 = GFN2-xTB's bond length), DimezblNet and DimeNet of
+    `checkpoints` side by side. Returns the curves (attrs: molecule_name, bond, r0_a, unit)."""
+    from tqdm.auto import tqdm
+
+    molecules = list(dict.fromkeys(checkpoints["molecule"])) if molecules is None else \
+        [md17_molecule_name(m) for m in molecules]
+    curves = []
+    for molecule in tqdm(molecules, desc="bond compression", unit="molecule", disable=not progress):
+        atoms, _ = optimise_md17_geometry(molecule)
+        dimezblnet = _checkpoint_of(checkpoints, molecule, "dimezblnet")
+        dimenet = _checkpoint_of(checkpoints, molecule, "dimenet") \
+            if (checkpoints["model"] == "dimenet").any() else None
+        for bond in element_pair_bonds(atoms):
+            curve = compression_curve_with_reference(dimezblnet, bond, atoms, distances_a, dimenet, device)
+            curve.attrs["molecule_name"] = molecule
+            curves.append(curve)
+    return curves
+
+
+def _first_at_or_below(curve: pd.DataFrame, column: str, distance_a: float) -> float:
+    rows = curve[curve["distance_a"] <= distance_a + 1e-9]
+    return float(rows[column].iloc[-1]) if len(rows) else math.nan
+
+
+def summarize_compression(curves: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One row per curve: molecule, bond, r0_a, E(r) - E(r0) at r = 0.5 A and r = 0.8 A (the grid
+    point at or below) for GFN2-xTB, DimeNet, DimezblNet, and each model's "hole": the minimum of
+    E(r) - E(r0) over r < r0 (negative: the model puts a compressed bond below equilibrium,
+    which the reference never does), in the curves' unit."""
+    rows = []
+    models = ("GFN2-xTB", "DimeNet", "DimezblNet")
+    for curve in curves:
+        unit = curve.attrs["unit"]
+        row = {"molecule": curve.attrs.get("molecule_name", curve.attrs["molecule"]),
+               "bond": curve.attrs["bond"].split(" (")[0], "atoms": curve.attrs["bond"].split("(atoms ")[-1][:-1],
+               "r0_a": round(curve.attrs["r0_a"], 3), "unit": unit}
+        compressed = curve[curve["distance_a"] < curve.attrs["r0_a"]]
+        for r in (0.5, 0.8):
+            for model in models:
+                if model in curve:
+                    row[f"{model} E({r} A)"] = _first_at_or_below(curve, model, r)
+        for model in models:
+            if model in curve:
+                row[f"{model} hole"] = float(compressed[model].min()) if len(compressed) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- tables, figures and the whole experiment (make shortrange) ---
+
+def _markdown_grid(table: pd.DataFrame, digits: int = 3) -> str:
+    """A plain GitHub-flavoured Markdown table (floats to `digits` significant digits)."""
+    def cell(value):
+        if isinstance(value, (float, np.floating)):
+            return "–" if math.isnan(value) else f"{value:.{digits}g}"
+        return str(value).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_shortrange_table(table: pd.DataFrame, header_lines: Sequence[str], basename: str,
+                           results_dir=None) -> dict:
+    """<results_dir>/shortrange/<basename>.csv and .md, each opening with the provenance block
+    (CSV: '# ' lines, read with pandas.read_csv(path, comment='#'); Markdown: a list), each
+    written to a temporary name and renamed."""
+    folder = results_path(results_dir, "shortrange")
+    header = [str(line).replace("\n", " ") for line in header_lines]
+    contents = {"csv": "".join(f"# {line}\n" for line in header) + table.to_csv(index=False),
+                "md": "".join(f"- {line}\n" for line in header) + "\n" + _markdown_grid(table)}
+    paths = {}
+    for suffix, text in contents.items():
+        paths[suffix] = folder / f"{basename}.{suffix}"
+        _atomic_write_bytes(paths[suffix], text.encode("utf-8"))
+    return paths
+
+
+def shortrange_header(title: str, checkpoints: pd.DataFrame, budget: Mapping) -> list:
+    """The provenance block of a short-range table: what it is, the checkpoints (profile, run
+    directories, git commits of their training), the budget and seeds, reference method,
+    software, hardware, the commit the table was written at, and the date."""
+    runs = checkpoints.drop_duplicates(["molecule", "model"])
+    commits = sorted({str(c) for c in runs.get("git_commit", pd.Series(dtype=str)).dropna()}) or ["unknown"]
+    profiles = sorted({str(p) for p in runs.get("profile", pd.Series(dtype=str)).dropna()}) or ["custom"]
+    where = runs["run_dir"] if "run_dir" in runs else runs["checkpoint"]
+    software = _software_versions()
+    git = git_state()
+    return [
+        title,
+        f"Checkpoints: {len(runs)} best (EMA) checkpoints, profile {', '.join(profiles)}, trained at git commit "
+        f"{', '.join(commits)}: " + "; ".join(f"{m} {model}: {w}" for m, model, w in
+                                              zip(runs["molecule"], runs["model"], where)),
+        "Budget: " + ", ".join(f"{key} {value}" for key, value in budget.items()),
+        f"Reference: {XTB_METHOD} (tblite {software.get('tblite')}), the method that generated the offline MD17 "
+        "data; start geometries: GFN2-xTB optimised (optimise_md17_geometry)",
+        f"Unphysical state: a distance below {CLOSE_CONTACT_A} A, a starting bond stretched beyond "
+        f"{BOND_BREAK_FACTOR:g}x, a new bond (d < {BOND_CUTOFF_FACTOR} x sum of covalent radii), a non-finite "
+        "value or a calculator error (dimezbl_core.unphysical_state)",
+        f"Software: torch {software.get('torch')}, ase {software.get('ase')}, numpy {software.get('numpy')}",
+        f"Hardware: {_hardware_text(hardware_description(torch.device('cpu')))}",
+        f"Written at git commit {git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} on {platform.node() or '?'}",
+    ]
+
+
+def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shortrange_md_stability"):
+    """Percent of unphysical trajectories against temperature (K) per model, Langevin and NVE
+    panels, and the NVE energy drift (eV/atom/ps, log scale) of the physical trajectories."""
+    if summary.empty:
+        raise ValueError("no MD stability results to plot")
+    colors = {"DimeNet": MODEL_COLORS["dimenet"], "DimezblNet": MODEL_COLORS["dimezblnet"], "GFN2-xTB": "k"}
+    models = list(dict.fromkeys(summary["model"]))
+    fig, axes = _figure(3, width=4.2, height=3.4)
+    width = 0.8 / len(models)
+    for ax, ensemble in zip(axes[0][:2], SHORTRANGE_ENSEMBLES):
+        rows = summary[summary["ensemble"] == ensemble]
+        temperatures = sorted(set(rows["temperature_k"]))
+        for k, model in enumerate(models):
+            of_model = rows[rows["model"] == model].set_index("temperature_k")
+            values = [of_model["unphysical_percent"].get(t, math.nan) for t in temperatures]
+            ax.bar(np.arange(len(temperatures)) + (k - (len(models) - 1) / 2) * width, values, width,
+                   color=colors.get(model), label=model)
+        ax.set_xticks(np.arange(len(temperatures)), [f"{t:g}" for t in temperatures])
+        ax.set(xlabel="temperature (K)", ylabel="unphysical trajectories (%)", ylim=(0, 105),
+               title=f"{'Langevin' if ensemble == 'langevin' else 'NVE (velocity Verlet)'}, "
+                     f"{rows['simulated_time_fs'].max():g} fs" if len(rows) else ensemble)
+        ax.legend(fontsize=7)
+    ax = axes[0][2]
+    nve = summary[(summary["ensemble"] == "nve") & summary["median_abs_drift_ev_atom_ps"].notna()]
+    for model in models:
+        of_model = nve[nve["model"] == model]
+        ax.plot(of_model["temperature_k"], of_model["median_abs_drift_ev_atom_ps"], marker="o",
+                color=colors.get(model), label=model)
+    ax.set(xlabel="start temperature (K)", ylabel="median |energy drift| (eV/atom/ps)",
+           title="NVE drift, physical trajectories")
+    if len(nve) and (nve["median_abs_drift_ev_atom_ps"] > 0).all():
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"MD stability over {summary['molecules'].max()} MD17 molecule(s)")
+    return save_figure(fig, name, results_dir)
+
+
+def shortrange_experiment(profile: str = "smoke", molecules: Optional[Sequence[str]] = None,
+                          checkpoints: Optional[pd.DataFrame] = None, seeds: Optional[Sequence[int]] = None,
+                          n_steps: Optional[int] = None, temperatures_k: Sequence[float] = SHORTRANGE_TEMPERATURES_K,
+                          ensembles: Sequence[str] = SHORTRANGE_ENSEMBLES, timestep_fs: float = SHORTRANGE_TIMESTEP_FS,
+                          compression_step_a: Optional[float] = None, compression: bool = True,
+                          reference: bool = True, results_dir=None, device: str = "cpu",
+                          progress: bool = True) -> dict:
+    """The short-range experiment (`make shortrange`): bond compression against GFN2-xTB and MD
+    stability for the MD17 DimeNet and DimezblNet models of `profile` (or `checkpoints`, a
+    `shortrange_checkpoints`-like table). Budget: SHORTRANGE_BUDGETS[profile] unless given
+    (n_steps MD steps of timestep_fs per trajectory, seeds, compression grid spacing in A).
+
+    Writes results/shortrange/{compression_curves.csv, compression_summary.{csv,md},
+    md_stability.{csv,md} (summary), md_trajectories.csv (every trajectory)} with provenance
+    headers, and results/figures/shortrange_compression_<molecule>.png and
+    shortrange_md_stability.png. Returns the tables and curves."""
+    if profile not in SHORTRANGE_BUDGETS:
+        raise ValueError(f"unknown profile {profile!r}: use one of {sorted(SHORTRANGE_BUDGETS)}")
+    budget = dict(SHORTRANGE_BUDGETS[profile])
+    budget.update({k: v for k, v in dict(n_steps=n_steps, seeds=seeds, compression_step_a=compression_step_a).items()
+                   if v is not None})
+    molecules = list(MD17_MOLECULES if molecules is None else [md17_molecule_name(m) for m in molecules])
+    if checkpoints is None:
+        checkpoints = shortrange_checkpoints(profile, molecules, results_dir=results_dir)
+    result = {"checkpoints": checkpoints}
+    if compression:
+        distances = np.round(np.arange(COMPRESSION_DISTANCES_A[0], COMPRESSION_DISTANCES_A[-1] + 1e-9,
+                                       budget["compression_step_a"]), 3)
+        curves = shortrange_compression(checkpoints, molecules, distances, device, progress)
+        summary = summarize_compression(curves)
+        header = shortrange_header(
+            f"Bond compression E(r) - E(r0) ({curves[0].attrs['unit']}), one bond per element pair of each MD17 "
+            "molecule, atom j moved along the bond, all others fixed; 'hole' = min over r < r0 (negative is "
+            "unphysical)", checkpoints,
+            {"distances": f"{distances[0]:g}-{distances[-1]:g} A every {budget['compression_step_a']:g} A",
+             "molecules": " ".join(molecules)})
+        long = pd.concat([curve.assign(molecule=curve.attrs["molecule_name"],
+                                       bond=curve.attrs["bond"], r0_a=curve.attrs["r0_a"]) for curve in curves])
+        write_shortrange_table(long, header, "compression_curves", results_dir)
+        write_shortrange_table(summary, header, "compression_summary", results_dir)
+        for molecule in dict.fromkeys(summary["molecule"]):
+            plot_compression_curves([c for c in curves if c.attrs["molecule_name"] == molecule], results_dir,
+                                    name=f"shortrange_compression_{molecule}")
+        result.update(curves=curves, compression_summary=summary)
+    trajectories = md_stability(checkpoints, molecules, temperatures_k, ensembles, budget["seeds"],
+                                budget["n_steps"], timestep_fs, reference=reference, device=device,
+                                progress=progress)
+    summary = summarize_md_stability(trajectories)
+    header = shortrange_header(
+        "MD stability: trajectories that reach an unphysical state within the simulated time, and NVE energy "
+        "drift, per model, ensemble and temperature, over all molecules and seeds", checkpoints,
+        {"molecules": " ".join(molecules), "ensembles": " ".join(ensembles),
+         "temperatures": " ".join(f"{t:g} K" for t in temperatures_k),
+         "seeds": " ".join(map(str, budget["seeds"])), "steps": budget["n_steps"], "timestep": f"{timestep_fs:g} fs",
+         "simulated time": f"{budget['n_steps'] * timestep_fs:g} fs per trajectory",
+         "Langevin friction": f"{LANGEVIN_FRICTION_PER_FS:g} 1/fs", "state checked every": f"{SHORTRANGE_CHECK_EVERY} steps",
+         "model precision": "float64 (DimezblCalculator)"})
+    write_shortrange_table(summary, header, "md_stability", results_dir)
+    write_shortrange_table(trajectories, header, "md_trajectories", results_dir)
+    plot_md_stability(summary, results_dir)
+    result.update(trajectories=trajectories, md_summary=summary)
+    return result
+
+
+def shortrange_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python dimezbl_core.py shortrange [--profile smoke] ...` (make shortrange)."""
+    parser = argparse.ArgumentParser(
+        prog="python dimezbl_core.py shortrange",
+        description="Bond compression against GFN2-xTB and MD stability (Langevin and NVE at 500-1500 K) of the "
+                    "MD17 DimeNet and DimezblNet models trained by `make reproduce`; results/shortrange/ and "
+                    "results/figures/.")
+    parser.add_argument("--profile", default="smoke", choices=sorted(PROFILES),
+                        help="whose models, and the budget of SHORTRANGE_BUDGETS")
+    parser.add_argument("--molecules", nargs="+", default=None, help="default: the 8 MD17 molecules")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--n-steps", type=int, default=None, help="MD steps per trajectory (0.5 fs)")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=list(SHORTRANGE_TEMPERATURES_K),
+                        help="K")
+    parser.add_argument("--ensembles", nargs="+", choices=SHORTRANGE_ENSEMBLES, default=list(SHORTRANGE_ENSEMBLES))
+    parser.add_argument("--no-compression", action="store_true", help="skip the bond-compression curves")
+    parser.add_argument("--no-reference", action="store_true", help="skip the GFN2-xTB MD trajectories")
+    parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = shortrange_experiment(args.profile, args.molecules, seeds=args.seeds, n_steps=args.n_steps,
+                                       temperatures_k=args.temperatures, ensembles=args.ensembles,
+                                       compression=not args.no_compression, reference=not args.no_reference,
+                                       results_dir=args.results_dir, progress=not args.no_progress)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(_markdown_grid(result["md_summary"]))
+    print(f"tables in {results_path(args.results_dir, 'shortrange')}, figures in "
+          f"{results_path(args.results_dir, 'figures')}")
+    return 0
+
+
+# =============================================================================================
 # --- Command-line entry ---
 # =============================================================================================
 
 
 def main(argv=None) -> int:
-    """`python dimezbl_core.py {train,evaluate,generate-md17,reproduce} ...` (see --help)."""
+    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,reproduce} ...` (see --help)."""
     import argparse
     import sys
 
@@ -4099,6 +5016,8 @@ def main(argv=None) -> int:
         return generate_md17_main(argv[1:])
     if argv[:1] == ["reproduce"]:
         return reproduce_main(argv[1:])
+    if argv[:1] == ["shortrange"]:
+        return shortrange_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python dimezbl_core.py", description="DimezblNet companion (DimeNet + ZBL)."
     )
@@ -4109,6 +5028,14 @@ def main(argv=None) -> int:
     evaluate_parser.add_argument("--checkpoint", required=True)
     evaluate_parser.add_argument("--subset", choices=("valid", "test"), default="test")
     evaluate_parser.add_argument("--device", default="auto")
+    export_parser = sub.add_parser("export", help="write a checkpoint as a self-contained TorchScript file "
+                                   "(energy and forces; load with torch.jit.load, no dimezbl_core needed)")
+    export_parser.add_argument("checkpoint", help="a checkpoint_best.pt of an energy model")
+    export_parser.add_argument("out", help="the TorchScript file to write, e.g. model.pt")
+    export_parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                               help="default: the checkpoint's training dtype")
+    sub.add_parser("shortrange", help="bond compression against GFN2-xTB and MD stability of the MD17 models "
+                   "(make shortrange; see its --help)")
     sub.add_parser("generate-md17", help="generate MD17-style data with GFN2-xTB (see its --help)")
     sub.add_parser("reproduce", help="regenerate Tables 1 and 2 and the figures (notebooks 01-05, "
                    "see its --help)")
@@ -4123,6 +5050,10 @@ def main(argv=None) -> int:
         print(json.dumps(metrics, indent=2))
     elif args.command == "evaluate":
         print(json.dumps(evaluate_checkpoint(args.checkpoint, args.subset, args.device), indent=2))
+    elif args.command == "export":
+        metadata = export_model(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None)
+        print(f"wrote {args.out}: energy in {metadata['energy_unit']}, forces in {metadata['forces_unit']}, "
+              f"{metadata['dtype']}; training offset {metadata['offset']}")
     return 0
 
 
