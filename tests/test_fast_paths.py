@@ -13,6 +13,16 @@ def _graph(num_atoms=12, seed=0):
     return pos, edge_index, dc.triplets(edge_index, num_atoms)
 
 
+def _residual_stack(block, h, x):
+    """The part of an interaction block after the message: residual layers, skip connection."""
+    for layer in block.layers_before_skip:
+        h = layer(h)
+    h = block.act(block.lin(h)) + x
+    for layer in block.layers_after_skip:
+        h = layer(h)
+    return h
+
+
 def test_interaction_block_equals_per_triplet_bilinear_einsum():
     torch.manual_seed(0)
     pos, edge_index, (i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji) = _graph()
@@ -30,12 +40,7 @@ def test_interaction_block_equals_per_triplet_bilinear_einsum():
     x_kj = block.act(block.lin_kj(x)) * block.lin_rbf(rbf)
     per_triplet = torch.einsum("wj,wl,ijl->wi", block.lin_sbf(sbf), x_kj[idx_kj], block.W)
     h = x_ji + torch.zeros_like(x).index_add_(0, idx_ji, per_triplet)
-    for layer in block.layers_before_skip:
-        h = layer(h)
-    h = block.act(block.lin(h)) + x
-    for layer in block.layers_after_skip:
-        h = layer(h)
-    torch.testing.assert_close(out, h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, _residual_stack(block, h, x), rtol=1e-12, atol=1e-12)
 
 
 def test_embedding_block_equals_dense_layer_on_concatenation():
@@ -140,11 +145,6 @@ def test_interaction_pp_block_equals_per_triplet_formula():
     messages = x_kj[idx_kj] * block.lin_sbf2(block.lin_sbf1(sbf))
     x_kj = block.act(block.lin_up(torch.zeros(num_edges, int_emb, dtype=torch.float64).index_add_(0, idx_ji, messages)))
     h = x_ji + x_kj
-    for layer in block.layers_before_skip:
-        h = layer(h)
-    h = block.act(block.lin(h)) + x
-    for layer in block.layers_after_skip:
-        h = layer(h)
-    torch.testing.assert_close(out, h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, _residual_stack(block, h, x), rtol=1e-12, atol=1e-12)
     # without a plan the block builds its own: same numbers
     torch.testing.assert_close(block(x, rbf, sbf, idx_kj, idx_ji), out, rtol=0, atol=0)

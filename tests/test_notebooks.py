@@ -323,3 +323,19 @@ def test_quoted_cells_of_the_tables_equal_the_paper(reproduced):
     markdown = (reproduced / "tables" / "table2_md17.md").read_text()
     assert "| Uracil | Energy | kcal/mol | 0.11 | 0.14 | 0.115 | 0.107 |" in markdown
     assert "|  | Forces | kcal/mol/A | not reported | not reported | not reported | not reported |" in markdown
+
+
+def test_readme_shows_the_committed_tables():
+    """The tables embedded in README.md are the committed results/tables/*.md, row for row (so that the README
+    never shows numbers that no run produced)."""
+    readme = (dc.REPOSITORY_ROOT / "README.md").read_text()
+    checked = 0
+    for basename in ("table1_qm9", "table2_md17"):
+        begin, end = f"<!-- {basename}:begin -->", f"<!-- {basename}:end -->"
+        assert begin in readme and end in readme, f"README.md lacks the {basename} block"
+        shown = [line for line in readme.split(begin)[1].split(end)[0].splitlines() if line.startswith("|")]
+        committed = [line for line in (dc.REPOSITORY_ROOT / "results" / "tables" / f"{basename}.md").read_text()
+                     .splitlines() if line.startswith("|")]
+        assert shown == committed and len(shown) > 10, f"README's {basename} differs from results/tables"
+        checked += 1
+    assert checked == 2
