@@ -273,16 +273,24 @@ def _sparse_mm(plan: TripletPlan, values: Tensor, dense: Tensor, transpose: bool
         return torch.addmm(out, matrix, dense.contiguous(), beta=0.0, out=out)
 
 
+# Under CUDA autocast the sparse products run in float32 (cuSPARSE's reduced-precision support
+# varies); outside autocast (the CPU path) these decorators do nothing.
+_SPARSE_AUTOCAST_FWD = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+_SPARSE_AUTOCAST_BWD = torch.amp.custom_bwd(device_type="cuda")
+
+
 class _Aggregate(torch.autograd.Function):
     """A = M(s) @ x  ([E*B, H]). Gradients: x -> M(s)^T g, s -> sampled(g, x)."""
 
     @staticmethod
+    @_SPARSE_AUTOCAST_FWD
     def forward(ctx, s, x, plan):
         ctx.plan = plan
         ctx.save_for_backward(s, x)
         return _sparse_mm(plan, s, x, transpose=False)
 
     @staticmethod
+    @_SPARSE_AUTOCAST_BWD
     def backward(ctx, grad):
         s, x = ctx.saved_tensors
         grad_s = grad_x = None
@@ -297,12 +305,14 @@ class _AggregateTranspose(torch.autograd.Function):
     """x' = M(s)^T @ y  ([E, H]). Gradients: y -> M(s) g, s -> sampled(y, g)."""
 
     @staticmethod
+    @_SPARSE_AUTOCAST_FWD
     def forward(ctx, s, y, plan):
         ctx.plan = plan
         ctx.save_for_backward(s, y)
         return _sparse_mm(plan, s, y, transpose=True)
 
     @staticmethod
+    @_SPARSE_AUTOCAST_BWD
     def backward(ctx, grad):
         s, y = ctx.saved_tensors
         grad_s = grad_y = None
@@ -317,12 +327,14 @@ class _Sampled(torch.autograd.Function):
     """out[t, b] = <y[ji B + b], x[kj]>  ([T, B]). Gradients: y -> M(g) x, x -> M(g)^T y."""
 
     @staticmethod
+    @_SPARSE_AUTOCAST_FWD
     def forward(ctx, y, x, plan):
         ctx.plan = plan
         ctx.save_for_backward(y, x)
         return plan.sampled(y, x)
 
     @staticmethod
+    @_SPARSE_AUTOCAST_BWD
     def backward(ctx, grad):
         y, x = ctx.saved_tensors
         grad_y = grad_x = None
@@ -2624,6 +2636,11 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True,
     <run_dir>/metrics.json). Resumes from <run_dir>/checkpoint_last.pt when it exists."""
     from tqdm.auto import tqdm
 
+    if config.compile and config.dataset == "md17":
+        raise ValueError(
+            "compile=True cannot train on forces: the force loss differentiates F = -dE/dR a second "
+            "time, and torch.compile's AOT autograd does not differentiate its backward again; use "
+            "compile=True for QM9 targets (energies only) and compile=False for MD17")
     rank, world_size = _distributed_context()
     device = select_device(config.device)
     if world_size > 1 and device.type == "cuda":

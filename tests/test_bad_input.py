@@ -113,3 +113,9 @@ def test_batch_length_mismatch(model):
 
 def test_float_atomic_numbers(model):
     assert_message(call_both(model, WATER_Z.double(), WATER_POS), "int", "dtype", "atomic number")
+
+
+def test_compile_with_force_training_is_refused_with_the_reason():
+    config = dc.profile_config("smoke", "md17", "ethanol", compile=True)
+    with pytest.raises(ValueError, match="compile=True cannot train on forces"):
+        dc.train(config, progress=False)
