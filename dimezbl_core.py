@@ -2574,6 +2574,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def git_state() -> dict:
+    """The code that runs: git commit and dirty flag of the repository as they were when this
+    module was imported (a long job keeps the code it loaded even if commits follow), and the
+    sha256 of dimezbl_core.py as loaded."""
+    return dict(_GIT_AT_IMPORT)
+
+
+def _git_state_now() -> dict:
     def run(*args):
         return subprocess.run(["git", *args], cwd=REPOSITORY_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()  # fmt: skip
@@ -2584,6 +2591,9 @@ def git_state() -> dict:
         return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+_GIT_AT_IMPORT = {**_git_state_now(), "dimezbl_core_sha256": _sha256(Path(__file__).read_bytes())}
 
 
 def hardware_description(device: torch.device) -> dict:

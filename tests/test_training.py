@@ -201,3 +201,15 @@ def test_run_configs_store_data_paths_relative_to_the_repository(tmp_path):
     assert dc.portable_path(outside) == str(outside.resolve())
     assert dc.repository_path(str(outside)) == outside
     assert dc.repository_path(None) is None
+
+
+def test_provenance_records_the_code_as_imported():
+    """A long job records the commit and the source it loaded, not the HEAD at the time it finishes."""
+    import hashlib
+
+    state = dc.git_state()
+    assert set(state) >= {"commit", "dirty", "dimezbl_core_sha256"}
+    source = (dc.REPOSITORY_ROOT / "dimezbl_core.py").read_bytes()
+    assert state["dimezbl_core_sha256"] == hashlib.sha256(source).hexdigest()
+    state["commit"] = "changed by the caller"
+    assert dc.git_state()["commit"] != "changed by the caller"  # callers get a copy
