@@ -737,7 +737,20 @@ class ResidualLayer(nn.Module):
         return x + self.act(self.lin2(self.act(self.lin1(x))))
 
 
-class InteractionBlock(nn.Module):
+class _ResidualStack:
+    """The part of both interaction blocks after the message: residual layers, the skip
+    connection, residual layers (attribute names are PyG's, so state dicts match)."""
+
+    def residual_stack(self, h: Tensor, x: Tensor) -> Tensor:
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = self.act(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class InteractionBlock(_ResidualStack, nn.Module):
     """Directional message passing of Eq. 3 with DimeNet's bilinear layer (Sec. 3.2).
 
     m_ji[a] = f(h_ji) + sum_k sum_{l,b} W[a, l, b] s[kj, ji, l] x[kj, b], with s = a_SBF W_sbf
@@ -788,15 +801,10 @@ class InteractionBlock(nn.Module):
         # m[ji, a] = sum_{l, b} A[ji, l, b] W[a, l, b]
         w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
         h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
-        for layer in self.layers_before_skip:
-            h = layer(h)
-        h = self.act(self.lin(h)) + x
-        for layer in self.layers_after_skip:
-            h = layer(h)
-        return h
+        return self.residual_stack(h, x)
 
 
-class InteractionPPBlock(nn.Module):
+class InteractionPPBlock(_ResidualStack, nn.Module):
     """DimeNet++ interaction: the bilinear layer replaced by down-projection, a Hadamard product
     with the (two-layer) embedded SBF, and up-projection (Gasteiger et al. 2020b)."""
 
@@ -844,12 +852,7 @@ class InteractionPPBlock(nn.Module):
         messages = (aggregated * self.lin_sbf2.weight.t().unsqueeze(0)).sum(1)  # [E, int_emb]
         x_kj = self.act(self.lin_up(messages))
         h = x_ji + x_kj
-        for layer in self.layers_before_skip:
-            h = layer(h)
-        h = self.act(self.lin(h)) + x
-        for layer in self.layers_after_skip:
-            h = layer(h)
-        return h
+        return self.residual_stack(h, x)
 
 
 class OutputBlock(nn.Module):
