@@ -273,76 +273,43 @@ def _sparse_mm(plan: TripletPlan, values: Tensor, dense: Tensor, transpose: bool
         return torch.addmm(out, matrix, dense.contiguous(), beta=0.0, out=out)
 
 
-# Under CUDA autocast the sparse products run in float32 (cuSPARSE's reduced-precision support
-# varies); outside autocast (the CPU path) these decorators do nothing.
-_SPARSE_AUTOCAST_FWD = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-_SPARSE_AUTOCAST_BWD = torch.amp.custom_bwd(device_type="cuda")
+class _SparseProduct(torch.autograd.Function):
+    """The three sparse products of a `TripletPlan`, each the others' gradient:
 
+        "aggregate"  (s, x) -> M(s) @ x                 [E*B, H]
+        "transpose"  (s, y) -> M(s)^T @ y               [E, H]
+        "sampled"    (y, x) -> <y[ji B + b], x[kj]>     [T, B]
 
-class _Aggregate(torch.autograd.Function):
-    """A = M(s) @ x  ([E*B, H]). Gradients: x -> M(s)^T g, s -> sampled(g, x)."""
-
-    @staticmethod
-    @_SPARSE_AUTOCAST_FWD
-    def forward(ctx, s, x, plan):
-        ctx.plan = plan
-        ctx.save_for_backward(s, x)
-        return _sparse_mm(plan, s, x, transpose=False)
+    Every backward is again one of them (the table in `backward`), applied through this
+    Function, so the products are differentiable to any order (force training differentiates
+    twice). Under CUDA autocast they run in float32 (cuSPARSE's reduced-precision support
+    varies); on the CPU the autocast decorators do nothing.
+    """
 
     @staticmethod
-    @_SPARSE_AUTOCAST_BWD
-    def backward(ctx, grad):
-        s, x = ctx.saved_tensors
-        grad_s = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_s = _Sampled.apply(grad, x, ctx.plan)
-        if ctx.needs_input_grad[1]:
-            grad_x = _AggregateTranspose.apply(s, grad, ctx.plan)
-        return grad_s, grad_x, None
-
-
-class _AggregateTranspose(torch.autograd.Function):
-    """x' = M(s)^T @ y  ([E, H]). Gradients: y -> M(s) g, s -> sampled(y, g)."""
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, first: Tensor, second: Tensor, plan: TripletPlan, kind: str) -> Tensor:
+        ctx.plan, ctx.kind = plan, kind
+        ctx.save_for_backward(first, second)
+        if kind == "sampled":
+            return plan.sampled(first, second)
+        return _sparse_mm(plan, first, second, transpose=kind == "transpose")
 
     @staticmethod
-    @_SPARSE_AUTOCAST_FWD
-    def forward(ctx, s, y, plan):
-        ctx.plan = plan
-        ctx.save_for_backward(s, y)
-        return _sparse_mm(plan, s, y, transpose=True)
-
-    @staticmethod
-    @_SPARSE_AUTOCAST_BWD
-    def backward(ctx, grad):
-        s, y = ctx.saved_tensors
-        grad_s = grad_y = None
-        if ctx.needs_input_grad[0]:
-            grad_s = _Sampled.apply(y, grad, ctx.plan)
-        if ctx.needs_input_grad[1]:
-            grad_y = _Aggregate.apply(s, grad, ctx.plan)
-        return grad_s, grad_y, None
-
-
-class _Sampled(torch.autograd.Function):
-    """out[t, b] = <y[ji B + b], x[kj]>  ([T, B]). Gradients: y -> M(g) x, x -> M(g)^T y."""
-
-    @staticmethod
-    @_SPARSE_AUTOCAST_FWD
-    def forward(ctx, y, x, plan):
-        ctx.plan = plan
-        ctx.save_for_backward(y, x)
-        return plan.sampled(y, x)
-
-    @staticmethod
-    @_SPARSE_AUTOCAST_BWD
-    def backward(ctx, grad):
-        y, x = ctx.saved_tensors
-        grad_y = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_y = _Aggregate.apply(grad, x, ctx.plan)
-        if ctx.needs_input_grad[1]:
-            grad_x = _AggregateTranspose.apply(grad, y, ctx.plan)
-        return grad_y, grad_x, None
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        plan, apply = ctx.plan, _SparseProduct.apply
+        gradients = {  # d/d(first), d/d(second) of each kind, as products of the same plan
+            "aggregate": (lambda: apply(grad, b, plan, "sampled"),      # s: <g[ji B + b], x[kj]>
+                          lambda: apply(a, grad, plan, "transpose")),   # x: M(s)^T g
+            "transpose": (lambda: apply(b, grad, plan, "sampled"),      # s: <y[ji B + b], g[kj]>
+                          lambda: apply(a, grad, plan, "aggregate")),   # y: M(s) g
+            "sampled": (lambda: apply(grad, b, plan, "aggregate"),      # y: M(g) x
+                        lambda: apply(grad, a, plan, "transpose")),     # x: M(g)^T y
+        }[ctx.kind]
+        return tuple(f() if needed else None
+                     for f, needed in zip(gradients, ctx.needs_input_grad[:2])) + (None, None)
 
 
 def triplet_aggregate(plan: TripletPlan, s: Tensor, x: Tensor) -> Tensor:
@@ -353,7 +320,7 @@ def triplet_aggregate(plan: TripletPlan, s: Tensor, x: Tensor) -> Tensor:
     training (create_graph) as well. Cost per call: T x B x H multiply-adds, memory O(E B H).
     """
     dtype = torch.promote_types(s.dtype, x.dtype)
-    out = _Aggregate.apply(s.to(dtype), x.to(dtype).contiguous(), plan)
+    out = _SparseProduct.apply(s.to(dtype), x.to(dtype).contiguous(), plan, "aggregate")
     return out.view(plan.num_edges, plan.num_weights, x.size(-1))
 
 
