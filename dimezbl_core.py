@@ -62,7 +62,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -164,7 +164,7 @@ def radius_graph(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
     )
     source = first_atom[batch[target]] + local
     with torch.no_grad():
-        dist = (pos[target] - pos[source]).norm(dim=-1)
+        dist = torch.linalg.vector_norm(pos[target] - pos[source], dim=-1)
     keep = (target != source) & (dist <= cutoff)
     return torch.stack([source[keep], target[keep]])
 
@@ -177,7 +177,7 @@ def triplets(
     Returns (i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji): the edges' target i and source j, the
     atoms of each triplet and the two edges of each triplet (kj = k->j, ji = j->i).
     """
-    source, target = edge_index
+    source, target = edge_index[0], edge_index[1]
     device = source.device
     in_degree = torch.bincount(target, minlength=num_nodes)
     first_in_edge = torch.cumsum(in_degree, 0) - in_degree  # edges are sorted by target
@@ -399,8 +399,9 @@ def _spherical_bessel_series(xs: Tensor, orders: Tensor, coefficients: Tensor) -
     """x^l sum_k c[k, l] (x^2)^k by Horner's rule (one fused multiply-add per term); `orders`
     and each coefficients[k] broadcast against xs."""
     squared = xs * xs
-    series = coefficients[SERIES_TERMS].expand_as(squared * coefficients[0])
-    for k in range(SERIES_TERMS - 1, -1, -1):
+    last = coefficients.size(0) - 1
+    series = coefficients[last].expand_as(squared * coefficients[0])
+    for k in range(last - 1, -1, -1):
         series = torch.addcmul(coefficients[k], series, squared)
     return xs.pow(orders) * series
 
@@ -412,6 +413,13 @@ def spherical_bessel_own_order(x: Tensor) -> Tensor:
     series below), but without evaluating every order at every argument: the SBF needs
     j_l(z_ln d/c) only, which this computes in 1/L of the work and memory (L = 7: 7x less).
     """
+    coefficients = _series_coefficients(x.size(-2), x).unsqueeze(-1)  # [K + 1, L, 1]
+    return _spherical_bessel_own_order(x, coefficients)
+
+
+def _spherical_bessel_own_order(x: Tensor, coefficients: Tensor) -> Tensor:
+    """`spherical_bessel_own_order` with the series coefficients given (TorchScript-compatible:
+    the exported model holds them as a buffer)."""
     num_spherical = x.size(-2)
     orders = torch.arange(num_spherical, device=x.device, dtype=x.dtype)[:, None]  # [L, 1]
     use_series = x < orders.clamp(min=1.0)
@@ -430,7 +438,6 @@ def spherical_bessel_own_order(x: Tensor) -> Tensor:
     recurrence = torch.cat(recurrence, dim=-2)
 
     xs = x.clamp(max=float(max(num_spherical - 1, 1)))
-    coefficients = _series_coefficients(num_spherical, x).unsqueeze(-1)  # [K + 1, L, 1]
     series = _spherical_bessel_series(xs, orders, coefficients)
     return torch.where(use_series, series, recurrence)
 
@@ -544,15 +551,24 @@ class SphericalBasisLayer(nn.Module):
 
 def _zbl_energy_and_derivatives(z_i: Tensor, z_j: Tensor, r: Tensor, unit: str):
     """Un-switched ZBL energy E(r) and its analytic dE/dr, d2E/dr2 (unit, unit/A, unit/A^2)."""
-    k = coulomb_constant(unit)
+    return _zbl_terms(z_i, z_j, r, coulomb_constant(unit), ZBL_SCREENING_LENGTH_A, ZBL_SCREENING_EXPONENT,
+                      [float(c) for c in ZBL_PHI_COEFFICIENTS], [float(d) for d in ZBL_PHI_EXPONENTS])
+
+
+def _zbl_terms(z_i: Tensor, z_j: Tensor, r: Tensor, coulomb: float, screening_length_a: float,
+               screening_exponent: float, coefficients: List[float],
+               exponents: List[float]) -> Tuple[Tensor, Tensor, Tensor]:
+    """E(r), dE/dr, d2E/dr2 of Eq. 8-10 (unit, unit/A, unit/A^2) with the Coulomb constant
+    `coulomb` (unit x A) and the screening constants given (TorchScript-compatible: the exported
+    model calls it with the same module constants)."""
     z_i, z_j = z_i.to(r.dtype), z_j.to(r.dtype)
-    a = ZBL_SCREENING_LENGTH_A / (z_i**ZBL_SCREENING_EXPONENT + z_j**ZBL_SCREENING_EXPONENT)
+    a = screening_length_a / (z_i**screening_exponent + z_j**screening_exponent)
     x = r / a
-    phi = dphi = d2phi = 0.0
-    for c, d in zip(ZBL_PHI_COEFFICIENTS, ZBL_PHI_EXPONENTS):
+    phi, dphi, d2phi = torch.zeros_like(r), torch.zeros_like(r), torch.zeros_like(r)
+    for c, d in zip(coefficients, exponents):
         e = c * torch.exp(-d * x)
         phi, dphi, d2phi = phi + e, dphi - d * e, d2phi + d * d * e
-    prefactor = k * z_i * z_j
+    prefactor = coulomb * z_i * z_j
     energy = prefactor * phi / r
     d_energy = prefactor * (dphi / (a * r) - phi / r**2)
     d2_energy = prefactor * (d2phi / (a * a * r) - 2 * dphi / (a * r**2) + 2 * phi / r**3)
@@ -4107,59 +4123,6 @@ EXPORT_FORMAT = "dimezbl-torchscript/1"
 EXPORT_METADATA_FILE = "metadata.json"
 
 
-def _radius_graph_script(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
-    """`radius_graph` in TorchScript form (same pairs in the same order: sorted by target, source)."""
-    num_atoms = pos.size(0)
-    counts = torch.bincount(batch)
-    first_atom = torch.cumsum(counts, 0) - counts
-    pairs_per_atom = counts[batch]
-    target = torch.repeat_interleave(torch.arange(num_atoms, device=pos.device), pairs_per_atom)
-    pair_start = torch.cumsum(pairs_per_atom, 0) - pairs_per_atom
-    local = torch.arange(target.numel(), device=pos.device) - torch.repeat_interleave(pair_start, pairs_per_atom)
-    source = first_atom[batch[target]] + local
-    dist = torch.linalg.vector_norm(pos[target] - pos[source], dim=-1)
-    keep = (target != source) & (dist <= cutoff)
-    return torch.stack([source[keep], target[keep]])
-
-
-def _triplets_script(source: Tensor, target: Tensor, num_nodes: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(idx_k, idx_kj, idx_ji) of `triplets` in TorchScript form (same triplets, same order)."""
-    in_degree = torch.bincount(target, minlength=num_nodes)
-    first_in_edge = torch.cumsum(in_degree, 0) - in_degree
-    num_triplets = in_degree[source]
-    idx_ji = torch.repeat_interleave(torch.arange(source.numel(), device=source.device), num_triplets)
-    triplet_start = torch.cumsum(num_triplets, 0) - num_triplets
-    local = torch.arange(idx_ji.numel(), device=source.device) - torch.repeat_interleave(triplet_start,
-                                                                                          num_triplets)
-    idx_kj = first_in_edge[source[idx_ji]] + local
-    keep = target[idx_ji] != source[idx_kj]
-    return source[idx_kj][keep], idx_kj[keep], idx_ji[keep]
-
-
-def _spherical_bessel_own_order_script(x: Tensor, double_factorial: Tensor) -> Tensor:
-    """`spherical_bessel_own_order` in TorchScript form: j_l(x[..., l, n]) for x [..., L, R] with
-    the same two branches (upward recurrence where x >= max(l, 1), power series below);
-    double_factorial [L, 1] = (2l+1)!!."""
-    num_spherical = x.size(-2)
-    orders = torch.arange(num_spherical, device=x.device, dtype=x.dtype).unsqueeze(1)  # [L, 1]
-    use_series = x < orders.clamp(min=1.0)
-    xr = x.clamp(min=1.0)
-    sin, cos = torch.sin(xr), torch.cos(xr)
-    j = [sin / xr, sin / xr**2 - cos / xr]  # j_0, j_1 on every slice
-    for order in range(1, num_spherical - 1):
-        j.append((2 * order + 1) / xr * j[order] - j[order - 1])
-    recurrence = torch.stack([j[l].select(-2, l) for l in range(num_spherical)], dim=-2)
-    xs = x.clamp(max=float(max(num_spherical - 1, 1)))
-    half_x2 = -0.5 * xs * xs
-    term = torch.ones_like(xs)
-    series = term
-    for k in range(1, 24):
-        term = term * half_x2 / (k * (2 * orders + 2 * k + 1))
-        series = series + term
-    series = xs.pow(orders) / double_factorial * series
-    return torch.where(use_series, series, recurrence)
-
-
 class _ScriptSphericalBasis(nn.Module):
     """`SphericalBasisLayer.radial`, `.angular` and `.combine` with the constants as buffers."""
 
@@ -4171,12 +4134,12 @@ class _ScriptSphericalBasis(nn.Module):
         self.register_buffer("zeros", torch.tensor(arrays["zeros"], dtype=dtype))
         self.register_buffer("normalizer", torch.tensor(arrays["normalizer"], dtype=dtype))
         self.register_buffer("sph_prefactor", torch.tensor(arrays["sph_prefactor"], dtype=dtype))
-        factorials = [float(np.prod(np.arange(2 * l + 1, 0, -2))) for l in range(sbf.num_spherical)]
-        self.register_buffer("double_factorial", torch.tensor(factorials, dtype=dtype)[:, None])
+        coefficients = _series_coefficients(sbf.num_spherical, torch.empty(0, dtype=dtype)).unsqueeze(-1)
+        self.register_buffer("series_coefficients", coefficients)  # [K + 1, L, 1]
 
     def forward(self, dist: Tensor, cos_angle: Tensor, idx_kj: Tensor) -> Tensor:
         x = dist / self.cutoff
-        jl = _spherical_bessel_own_order_script(x[:, None, None] * self.zeros, self.double_factorial)
+        jl = _spherical_bessel_own_order(x[:, None, None] * self.zeros, self.series_coefficients)
         radial = self.envelope(x)[:, None, None] * jl * self.normalizer  # [E, L, R]
         legendre = [torch.ones_like(cos_angle), cos_angle]
         for l in range(1, self.num_spherical - 1):
@@ -4201,16 +4164,8 @@ class _ScriptZBL(nn.Module):
         self.register_buffer("covalent_radii", torch.tensor(covalent_radii_a(), dtype=dtype))
 
     def energy_and_derivatives(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        z_i, z_j = z_i.to(r.dtype), z_j.to(r.dtype)
-        a = self.screening_length_a / (z_i**self.screening_exponent + z_j**self.screening_exponent)
-        x = r / a
-        phi, dphi, d2phi = torch.zeros_like(r), torch.zeros_like(r), torch.zeros_like(r)
-        for c, d in zip(self.coefficients, self.exponents):
-            e = c * torch.exp(-d * x)
-            phi, dphi, d2phi = phi + e, dphi - d * e, d2phi + d * d * e
-        prefactor = self.coulomb * z_i * z_j
-        return (prefactor * phi / r, prefactor * (dphi / (a * r) - phi / r**2),
-                prefactor * (d2phi / (a * a * r) - 2 * dphi / (a * r**2) + 2 * phi / r**3))
+        return _zbl_terms(z_i, z_j, r, self.coulomb, self.screening_length_a, self.screening_exponent,
+                          self.coefficients, self.exponents)
 
     def forward(self, z: Tensor, source: Tensor, target: Tensor, dist: Tensor) -> Tensor:
         z_i, z_j = z[target], z[source]
@@ -4240,14 +4195,31 @@ def _triplet_sum(s: Tensor, x: Tensor, idx_kj: Tensor, idx_ji: Tensor, num_edges
     return out.index_add_(0, idx_ji, per_triplet)
 
 
+class _ScriptResidualStack(nn.Module):
+    """`_ResidualStack.residual_stack` (swish) as a scriptable module sharing the block's layers."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layers_before_skip, self.lin = block.layers_before_skip, block.lin
+        self.layers_after_skip = block.layers_after_skip
+
+    def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = F.silu(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
 class _ScriptInteraction(nn.Module):
     """`InteractionBlock` (DimeNet's bilinear layer) with `_triplet_sum`, and its output block."""
 
     def __init__(self, block: InteractionBlock, output: OutputBlock):
         super().__init__()
         self.lin_rbf, self.lin_sbf, self.lin_kj, self.lin_ji = block.lin_rbf, block.lin_sbf, block.lin_kj, block.lin_ji
-        self.W, self.lin = block.W, block.lin
-        self.layers_before_skip, self.layers_after_skip = block.layers_before_skip, block.layers_after_skip
+        self.W = block.W
+        self.residual = _ScriptResidualStack(block)
         self.output = output
 
     def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
@@ -4257,12 +4229,7 @@ class _ScriptInteraction(nn.Module):
         aggregated = _triplet_sum(self.lin_sbf(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, H]
         w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
         h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
-        for layer in self.layers_before_skip:
-            h = layer(h)
-        h = F.silu(self.lin(h)) + x
-        for layer in self.layers_after_skip:
-            h = layer(h)
-        return h
+        return self.residual(h, x)
 
 
 class _ScriptInteractionPP(nn.Module):
@@ -4273,8 +4240,7 @@ class _ScriptInteractionPP(nn.Module):
         self.lin_rbf1, self.lin_rbf2, self.lin_sbf1, self.lin_sbf2 = (block.lin_rbf1, block.lin_rbf2,
                                                                       block.lin_sbf1, block.lin_sbf2)
         self.lin_kj, self.lin_ji, self.lin_down, self.lin_up = block.lin_kj, block.lin_ji, block.lin_down, block.lin_up
-        self.lin = block.lin
-        self.layers_before_skip, self.layers_after_skip = block.layers_before_skip, block.layers_after_skip
+        self.residual = _ScriptResidualStack(block)
         self.output = output
 
     def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
@@ -4283,12 +4249,7 @@ class _ScriptInteractionPP(nn.Module):
         aggregated = _triplet_sum(self.lin_sbf1(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, int_emb]
         messages = (aggregated * self.lin_sbf2.weight.t().unsqueeze(0)).sum(1)
         h = x_ji + F.silu(self.lin_up(messages))
-        for layer in self.layers_before_skip:
-            h = layer(h)
-        h = F.silu(self.lin(h)) + x
-        for layer in self.layers_after_skip:
-            h = layer(h)
-        return h
+        return self.residual(h, x)
 
 
 class ExportedPotential(nn.Module):
@@ -4340,9 +4301,8 @@ class ExportedPotential(nn.Module):
     def _energy(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
         num_atoms = z.numel()
         with torch.no_grad():
-            edge_index = _radius_graph_script(pos.detach(), batch, self.cutoff)
-            j, i = edge_index[0], edge_index[1]
-            idx_k, idx_kj, idx_ji = _triplets_script(j, i, num_atoms)
+            edge_index = radius_graph(pos.detach(), batch, self.cutoff)  # the model's own functions,
+            i, j, _, _, idx_k, idx_kj, idx_ji = triplets(edge_index, num_atoms)  # TorchScript-compatible
         vec = pos[i] - pos[j]  # R_i - R_j, [E, 3]
         dist = torch.linalg.vector_norm(vec, dim=-1)
         if bool((dist < self.min_pair_distance_a).any()):
