@@ -22,9 +22,14 @@ load affects them alike: 1 warm-up round, then timed rounds, at least 1 and at m
 the (workload, kind)'s timed rounds have taken under 10 s and the run is younger than 360 s. DimezblNet (our
 DimeNet + ZBL, same weights) runs only in the force training step, where its overhead is defined; on qm9 it and
 our DimeNet get up to 7 paired rounds before that deadline (the ZBL overhead is the median of their paired time
-ratios). PyG DimeNet (10-30 s per energy / force training step on 2 cores) gets 1 timed call per kind and no
+ratios), and our DimeNet++ and PyG's get up to 5 paired rounds of the force training step on each workload.
+PyG DimeNet (10-30 s per energy / force training step on 2 cores) gets 1 timed call per kind and no
 warm-up of its own (the agreement check has already run its forward and backward on the same batch), and on md17
 only the force training step. The repetitions actually used are printed.
+
+Allocator. By default (``--allocator reuse``) glibc's malloc is told at start to keep freed blocks (fixed 32 MiB mmap
+threshold, no trimming): with its defaults the page faults of re-mapped big tensors made PyG DimeNet++'s force step
+swing between 1.9 and 3.6 s from run to run. The same settings apply to every model in the process.
 
 Peak memory: the peak, during one call, of the memory allocated during that call and not yet freed (activations,
 autograd buffers, gradients; not the weights, the batch or Adam's state, which is created before any measurement).
@@ -192,6 +197,29 @@ def patch_pyg(mode: str):
         return cache
     pyg_dimenet.radius_graph, pyg_dimenet.triplets = radius_graph_reference, triplets_reference
     return None
+
+
+def settle_allocator(mode: str) -> str:
+    """glibc's malloc returns freed blocks of more than its (moving) mmap threshold to the kernel and trims the heap
+    top, so the next call's big tensors are fresh pages, paid in page faults; how many depends on the history of
+    the process, which made PyG DimeNet++'s force step take 1.9-3.6 s in otherwise equal runs (our model's 1.5-1.9 s).
+    mode "reuse" (default): mmap threshold fixed at its 32 MiB maximum, no trimming, 1 GiB top pad, so blocks up to
+    32 MiB are reused from call to call for every model alike; "default": glibc as it comes. Returns what was done."""
+    if mode == "default":
+        return "glibc defaults"
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "reuse requested, but this C library has no mallopt: its defaults"
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
+    done = [mallopt(m_mmap_threshold, 32 * 2**20), mallopt(m_trim_threshold, 2**31 - 1), mallopt(m_top_pad, 2**30)]
+    if not all(done):
+        return f"reuse requested, mallopt refused some settings ({done}): partly glibc defaults"
+    return "glibc mallopt: mmap threshold 32 MiB (fixed), trim threshold 2 GiB, top pad 1 GiB (blocks reused)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,13 +550,21 @@ def parse_args(argv):
     parser.add_argument("--rtol-forces", type=float, default=AGREEMENT_RTOL_FORCES,
                         help="agreement of forces with PyG, relative to the largest |PyG force| (default 5e-4: "
                              "PyG's own float32 forces are up to 1.3e-4 from its float64 ones)")
+    parser.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                        help="glibc malloc settings (default reuse: big blocks are kept and reused instead of being "
+                             "returned to the kernel after each call, for all models alike; see settle_allocator)")
+    parser.add_argument("--pp-force-repeats", type=int, default=5,
+                        help="interleaved timed repetitions of our DimeNet++ and PyG DimeNet++ in the force training "
+                             "step on each workload (default 5; those beyond the first are skipped past the deadline)")
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.zbl_repeats, args.pyg_dimenet_repeats, args.pyg_dimenet_warmup = 1, 0, 1, 1, 0
+        args.pp_force_repeats = 1
     args.batch_size = args.batch_size or (2 if args.quick else 32)
-    if min(args.repeats, args.pyg_dimenet_repeats, args.zbl_repeats, args.batch_size) < 1:
-        parser.error("--repeats, --pyg-dimenet-repeats, --zbl-repeats and --batch-size must be at least 1")
+    if min(args.repeats, args.pyg_dimenet_repeats, args.zbl_repeats, args.pp_force_repeats, args.batch_size) < 1:
+        parser.error("--repeats, --pyg-dimenet-repeats, --zbl-repeats, --pp-force-repeats and --batch-size must be "
+                     "at least 1")
     if min(args.warmup, args.pyg_dimenet_warmup) < 0:
         parser.error("warm-up counts must be at least 0")
     names = args.pyg_dimenet_md17_kinds.split(",")
@@ -541,6 +577,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    allocator = settle_allocator(args.allocator)  # before any big allocation
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -551,6 +588,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - wall_start:6.1f} s] {message}", flush=True)
 
     info = provenance(args, device)
+    info["allocator"] = allocator
     log(f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
         f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32")
     log(f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
@@ -568,6 +606,7 @@ def main(argv=None) -> int:
         f"(more while a group's timed rounds took < {args.group_budget_s:g} s and the run is < {args.deadline_s:g} s "
         f"old), ZBL pair on qm9 force steps >= {args.zbl_repeats}; PyG DimeNet {args.pyg_dimenet_warmup} warm-up + "
         f"{args.pyg_dimenet_repeats} timed, on md17 only {', '.join(args.pyg_md17_kinds) or 'nothing'}")
+    log(f"allocator: {allocator}")
     log(f"PyG graph: {args.pyg_graph} stand-ins" + (" (computed once per batch, then no graph cost)"
                                                      if args.pyg_graph == "cached" else " (run in every call)"))
     memory_note = ("CUDA max_memory_allocated during the call minus allocated before" if device.type == "cuda" else
@@ -597,6 +636,13 @@ def main(argv=None) -> int:
                 if missing > 0:
                     log(f"  ZBL overhead: up to {missing} more interleaved rounds of our DimeNet and DimezblNet "
                         f"(none past the deadline)")
+                    runner.group(pair, workload, kind, 0, missing, into=group, optional=True)
+            if kind == "force_train_step":
+                pair = [entries["ours_dimenetpp"], entries["pyg_dimenetpp"]]
+                missing = args.pp_force_repeats - len(group["ours_dimenetpp"].times_s)
+                if missing > 0:
+                    log(f"  DimeNet++: up to {missing} more interleaved rounds of ours and PyG's (none past the "
+                        f"deadline)")
                     runner.group(pair, workload, kind, 0, missing, into=group, optional=True)
             if workload.name == "qm9" or kind in args.pyg_md17_kinds:
                 group.update(runner.group([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
