@@ -148,3 +148,30 @@ def test_interaction_pp_block_equals_per_triplet_formula():
     torch.testing.assert_close(out, _residual_stack(block, h, x), rtol=1e-12, atol=1e-12)
     # without a plan the block builds its own: same numbers
     torch.testing.assert_close(block(x, rbf, sbf, idx_kj, idx_ji), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_swish_derivatives_equal_torch_silu_to_third_order(create_graph):
+    """The hand-written first and second derivatives of `swish` (both the in-place path of a plain
+    backward and the differentiable one under create_graph) equal autograd's through F.silu."""
+    x0 = torch.cat([torch.linspace(-30.0, 30.0, 61, dtype=torch.float64),
+                    torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4])
+    weights = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    derivatives = {}
+    for name, act in (("swish", dc.swish), ("silu", torch.nn.functional.silu)):
+        x = x0.clone().requires_grad_(True)
+        y = act(x)
+        (first,) = torch.autograd.grad((weights * y).sum(), x, create_graph=True)
+        # second derivative through a force-training-like loss: d/dx sum(w * first^2)
+        (second,) = torch.autograd.grad((weights * first**2).sum(), x, create_graph=create_graph)
+        values = [y.detach(), first.detach(), second.detach()]
+        if create_graph:
+            (third,) = torch.autograd.grad(second.sum(), x)
+            values.append(third)
+        derivatives[name] = values
+    for ours, reference in zip(derivatives["swish"], derivatives["silu"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dc.swish, (x,))
+    assert torch.autograd.gradgradcheck(dc.swish, (x,))
+    assert not torch.equal(derivatives["swish"][2], torch.zeros_like(x0))
