@@ -489,6 +489,27 @@ class BesselBasisLayer(nn.Module):
         return self.envelope(x) * torch.sin(self.freq * x)  # [E, num_radial]
 
 
+def _sbf_radial(x: Tensor, zeros: Tensor, normalizer: Tensor, coefficients: Tensor, envelope_p: int) -> Tensor:
+    """u(x)/x j_l(z_ln x) / sqrt(0.5 j_{l+1}(z_ln)^2) for x = d/c [E]: [E, L, R] (the constants
+    given, so that the exported model evaluates the same function with its buffers)."""
+    jl = _spherical_bessel_own_order(x[:, None, None] * zeros, coefficients)  # j_l(z_ln d/c)
+    return (envelope_polynomial(x, envelope_p) / x)[:, None, None] * jl * normalizer
+
+
+def _sbf_angular(cos_angle: Tensor, sph_prefactor: Tensor) -> Tensor:
+    """sqrt((2l+1)/(4 pi)) P_l(cos alpha) for l < len(sph_prefactor): [T, L] (Legendre recurrence)."""
+    num_spherical = sph_prefactor.numel()
+    legendre = [torch.ones_like(cos_angle), cos_angle]
+    for l in range(1, num_spherical - 1):
+        legendre.append(((2 * l + 1) * cos_angle * legendre[l] - l * legendre[l - 1]) / (l + 1))
+    return torch.stack(legendre[:num_spherical], dim=-1) * sph_prefactor
+
+
+def _sbf_combine(radial: Tensor, angular: Tensor, idx_kj: Tensor) -> Tensor:
+    """radial[kj] (.) angular [T, L * R] from radial [E, L, R] and angular [T, L]."""
+    return (radial[idx_kj] * angular.unsqueeze(-1)).reshape(idx_kj.numel(), radial.size(1) * radial.size(2))
+
+
 class SphericalBasisLayer(nn.Module):
     """2D spherical Fourier-Bessel basis of Eq. 5, feature index l * num_radial + n.
 
@@ -522,22 +543,17 @@ class SphericalBasisLayer(nn.Module):
     def radial(self, dist: Tensor) -> Tensor:
         """Enveloped, normalised j_l(z_ln d/c) per edge: [E, num_spherical, num_radial]."""
         x = dist / self.cutoff
-        argument = x[:, None, None] * self.constants.get("zeros", x)  # [E, L, R]
-        jl = spherical_bessel_own_order(argument)  # j_l(z_ln d/c): [E, L, R]
-        return self.envelope(x)[:, None, None] * jl * self.constants.get("normalizer", x)
+        coefficients = _series_coefficients(self.num_spherical, x).unsqueeze(-1)  # [K + 1, L, 1]
+        return _sbf_radial(x, self.constants.get("zeros", x), self.constants.get("normalizer", x),
+                           coefficients, self.envelope.p)
 
     def angular(self, cos_angle: Tensor) -> Tensor:
         """Y_l^0 as a function of cos(alpha): [T, num_spherical] (Legendre recurrence)."""
-        legendre = [torch.ones_like(cos_angle), cos_angle]
-        for l in range(1, self.num_spherical - 1):
-            legendre.append(((2 * l + 1) * cos_angle * legendre[l] - l * legendre[l - 1]) / (l + 1))
-        prefactor = self.constants.get("sph_prefactor", cos_angle)
-        return torch.stack(legendre[: self.num_spherical], dim=-1) * prefactor
+        return _sbf_angular(cos_angle, self.constants.get("sph_prefactor", cos_angle))
 
     def combine(self, radial: Tensor, angular: Tensor, idx_kj: Tensor) -> Tensor:
         """[T, num_spherical * num_radial] from per-edge radial and per-triplet angular parts."""
-        out = radial[idx_kj] * angular.unsqueeze(-1)
-        return out.reshape(-1, self.num_spherical * self.num_radial)
+        return _sbf_combine(radial, angular, idx_kj)
 
     def forward(self, dist: Tensor, angle: Tensor, idx_kj: Tensor) -> Tensor:
         """PyG's signature: edge distances [E] (Angstrom), triplet angles [T] (rad), idx_kj [T]."""
@@ -583,6 +599,29 @@ def zbl_pair_energy(z_i, z_j, r, unit: str = "eV") -> Tensor:
     z_i, z_j = torch.as_tensor(z_i, device=r.device), torch.as_tensor(z_j, device=r.device)
     check_pair_distances(r)
     return _zbl_energy_and_derivatives(z_i, z_j, r, unit)[0]
+
+
+def _zbl_switched(z_i: Tensor, z_j: Tensor, r: Tensor, reach: str, coulomb: float, cutoff_a: float,
+                  inner_a: float, outer_a: float, envelope_p: int, covalent_radii: Tensor,
+                  screening_length_a: float, screening_exponent: float, coefficients: List[float],
+                  exponents: List[float]) -> Tensor:
+    """`ZBL.pair_energy` with every constant given (TorchScript-compatible: the exported model
+    calls it with its own copies): the pair energy of `_zbl_terms` switched off as `reach` says."""
+    energy = _zbl_terms(z_i, z_j, r, coulomb, screening_length_a, screening_exponent, coefficients, exponents)[0]
+    if reach == "cutoff":
+        return energy * envelope_polynomial(r / cutoff_a, envelope_p)
+    if reach == "covalent":
+        return energy * envelope_polynomial(r / (covalent_radii[z_i] + covalent_radii[z_j]), envelope_p)
+    # LAMMPS pair_style zbl inner outer
+    fc, dfc, d2fc = _zbl_terms(z_i, z_j, torch.full_like(r, outer_a), coulomb, screening_length_a,
+                               screening_exponent, coefficients, exponents)
+    tc = outer_a - inner_a
+    a = (-3 * dfc + tc * d2fc) / tc**2
+    b = (2 * dfc - tc * d2fc) / tc**3
+    c = -fc + tc / 2 * dfc - tc**2 / 12 * d2fc
+    t = (r - inner_a).clamp(min=0.0)
+    switched = energy + c + a / 3 * t**3 + b / 4 * t**4
+    return torch.where(r < outer_a, switched, torch.zeros_like(switched))
 
 
 ZBL_REACHES = ("cutoff", "covalent", "lammps")
@@ -638,22 +677,10 @@ class ZBL(nn.Module):
     def pair_energy(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tensor:
         """Switched pair energy in `unit` (without `scale`); r in Angstrom."""
         check_pair_distances(r.detach())
-        energy, _, _ = _zbl_energy_and_derivatives(z_i, z_j, r, self.unit)
-        if self.reach == "cutoff":
-            return energy * envelope_polynomial(r / self.cutoff_a, self.envelope_p)
-        if self.reach == "covalent":
-            radii = self.constants.get("covalent_radii", r)
-            r_switch = radii[z_i] + radii[z_j]
-            return energy * envelope_polynomial(r / r_switch, self.envelope_p)
-        outer = torch.full_like(r, self.outer_a)
-        fc, dfc, d2fc = _zbl_energy_and_derivatives(z_i, z_j, outer, self.unit)
-        tc = self.outer_a - self.inner_a
-        a = (-3 * dfc + tc * d2fc) / tc**2
-        b = (2 * dfc - tc * d2fc) / tc**3
-        c = -fc + tc / 2 * dfc - tc**2 / 12 * d2fc
-        t = (r - self.inner_a).clamp(min=0.0)
-        switched = energy + c + a / 3 * t**3 + b / 4 * t**4
-        return torch.where(r < self.outer_a, switched, torch.zeros_like(switched))
+        return _zbl_switched(z_i, z_j, r, self.reach, coulomb_constant(self.unit), self.cutoff_a, self.inner_a,
+                             self.outer_a, self.envelope_p, self.constants.get("covalent_radii", r),
+                             ZBL_SCREENING_LENGTH_A, ZBL_SCREENING_EXPONENT,
+                             [float(c) for c in ZBL_PHI_COEFFICIENTS], [float(d) for d in ZBL_PHI_EXPONENTS])
 
     def forward(self, z: Tensor, edge_index: Tensor, dist: Tensor) -> Tensor:
         source, target = edge_index
@@ -824,20 +851,30 @@ class InteractionBlock(_ResidualStack, nn.Module):
             [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
         )
 
-    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor,
-                plan: Optional[TripletPlan] = None):
-        """PyG's signature; `plan` (built from idx_kj, idx_ji when not given) is shared by blocks."""
-        hidden, num_bilinear, _ = self.W.shape
-        if plan is None:
-            plan = TripletPlan(idx_kj, idx_ji, x.size(0), num_bilinear)
+    def edge_inputs(self, x: Tensor, rbf: Tensor, sbf: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x_ji = act(h W_ji) [E, H], x_kj = e_RBF W_rbf (.) act(h W_kj) [E, H], and the triplet
+        weights s = a_SBF W_sbf [T, L]: what the triplet sum needs."""
         x_ji = self.act(self.lin_ji(x))
-        x_kj = self.act(self.lin_kj(x)) * self.lin_rbf(rbf)  # [E, H]
-        # A[ji, l, b] = sum_k sbf[kj, ji, l] x_kj[kj, b]: [E, L, H], one sparse product
-        aggregated = triplet_aggregate(plan, self.lin_sbf(sbf), x_kj)
-        # m[ji, a] = sum_{l, b} A[ji, l, b] W[a, l, b]
+        x_kj = self.act(self.lin_kj(x)) * self.lin_rbf(rbf)
+        return x_ji, x_kj, self.lin_sbf(sbf)
+
+    def update(self, x: Tensor, x_ji: Tensor, aggregated: Tensor) -> Tensor:
+        """m[ji, a] = x_ji[a] + sum_{l, b} A[ji, l, b] W[a, l, b] for A [E, L, H], then the
+        residual stack."""
+        hidden, num_bilinear = self.W.size(0), self.W.size(1)
         w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
         h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
         return self.residual_stack(h, x)
+
+    @torch.jit.unused
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor, plan=None):
+        """PyG's signature; `plan` (a TripletPlan of idx_kj, idx_ji, built when not given) is
+        shared by blocks. (TorchScript: `edge_inputs`, a triplet sum, `update`.)"""
+        if plan is None:
+            plan = TripletPlan(idx_kj, idx_ji, x.size(0), self.W.size(1))
+        x_ji, x_kj, s = self.edge_inputs(x, rbf, sbf)
+        # A[ji, l, b] = sum_k s[kj, ji, l] x_kj[kj, b]: [E, L, H], one sparse product
+        return self.update(x, x_ji, triplet_aggregate(plan, s, x_kj))
 
 
 class InteractionPPBlock(_ResidualStack, nn.Module):
@@ -873,22 +910,28 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
             [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
         )
 
-    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor,
-                plan: Optional[TripletPlan] = None):
-        """PyG's signature; `plan` (built from idx_kj, idx_ji when not given) is shared by blocks."""
-        basis_emb_size = self.lin_sbf1.out_features
-        if plan is None:
-            plan = TripletPlan(idx_kj, idx_ji, x.size(0), basis_emb_size)
+    def edge_inputs(self, x: Tensor, rbf: Tensor, sbf: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x_ji = act(h W_ji) [E, H], x_kj = act((e_RBF W_rbf1 W_rbf2 (.) act(h W_kj)) W_down)
+        [E, int_emb], and the triplet weights s = a_SBF W_sbf1 [T, basis_emb]."""
         x_ji = self.act(self.lin_ji(x))
         x_kj = self.act(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))
-        x_kj = self.act(self.lin_down(x_kj))  # [E, int_emb]
-        # sum_k (s W2^T)[c] x_kj[kj, c] with s = lin_sbf1(sbf) [T, basis_emb]: the sum over k is
-        # taken first, A[ji, b, c] = sum_k s[kj, ji, b] x_kj[kj, c], then sum_b W2[c, b] A[ji, b, c]
-        aggregated = triplet_aggregate(plan, self.lin_sbf1(sbf), x_kj)  # [E, basis_emb, int_emb]
+        return x_ji, self.act(self.lin_down(x_kj)), self.lin_sbf1(sbf)
+
+    def update(self, x: Tensor, x_ji: Tensor, aggregated: Tensor) -> Tensor:
+        """The messages sum_b W_sbf2[c, b] A[ji, b, c] for A [E, basis_emb, int_emb] (the sum over
+        k taken first, A = sum_k s[kj, ji, b] x_kj[kj, c]; PyG forms (s W_sbf2^T)[c] x_kj[kj, c]
+        per triplet), up-projected, added to x_ji, then the residual stack."""
         messages = (aggregated * self.lin_sbf2.weight.t().unsqueeze(0)).sum(1)  # [E, int_emb]
-        x_kj = self.act(self.lin_up(messages))
-        h = x_ji + x_kj
-        return self.residual_stack(h, x)
+        return self.residual_stack(x_ji + self.act(self.lin_up(messages)), x)
+
+    @torch.jit.unused
+    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor, plan=None):
+        """PyG's signature; `plan` (a TripletPlan of idx_kj, idx_ji, built when not given) is
+        shared by blocks. (TorchScript: `edge_inputs`, a triplet sum, `update`.)"""
+        if plan is None:
+            plan = TripletPlan(idx_kj, idx_ji, x.size(0), self.lin_sbf1.out_features)
+        x_ji, x_kj, s = self.edge_inputs(x, rbf, sbf)
+        return self.update(x, x_ji, triplet_aggregate(plan, s, x_kj))
 
 
 class OutputBlock(nn.Module):
@@ -4165,24 +4208,26 @@ class DimezblCalculator(_ase_calculator_base()):
 # =============================================================================================
 # --- Using the potential: TorchScript export, bond compression vs GFN2-xTB, MD stability ---
 # =============================================================================================
-# The export is a TorchScript module holding the trained weights and a scriptable copy of the
-# forward pass of `DimezblNet.atomic_outputs`: the graph and triplet indices in plain torch, and
-# the triplet sum as gather + index_add (the reference formula that `triplet_aggregate`'s sparse
-# products equal; tests/test_fast_paths.py). The custom autograd Functions and the CSR
-# `TripletPlan` do not script, and tracing would freeze the data-dependent shapes of the graph.
-# tests/test_export.py checks the file against the Python model.
+# The export is a TorchScript module holding the trained weights and the model's own functions:
+# radius_graph, triplets, the basis (`_sbf_radial`, `_sbf_angular`, `_sbf_combine`), the blocks'
+# `edge_inputs` and `update`, the ZBL term (`_zbl_switched`), all scriptable; only the triplet sum
+# differs: gather + index_add (`_triplet_sum`, the reference formula that `triplet_aggregate`'s
+# sparse products equal; tests/test_fast_paths.py), since the custom autograd Functions and the
+# CSR `TripletPlan` do not script and tracing would freeze the data-dependent shapes of the graph.
+# Constants kept in ConstantTables by the model are buffers here. tests/test_export.py checks the
+# file against the Python model.
 
 EXPORT_FORMAT = "dimezbl-torchscript/1"
 EXPORT_METADATA_FILE = "metadata.json"
 
 
 class _ScriptSphericalBasis(nn.Module):
-    """`SphericalBasisLayer.radial`, `.angular` and `.combine` with the constants as buffers."""
+    """`SphericalBasisLayer` (the same `_sbf_radial`, `_sbf_angular`, `_sbf_combine`) with its
+    constants as buffers."""
 
     def __init__(self, sbf: SphericalBasisLayer, dtype: torch.dtype):
         super().__init__()
-        self.cutoff, self.num_spherical = float(sbf.cutoff), int(sbf.num_spherical)
-        self.envelope = copy.deepcopy(sbf.envelope)
+        self.cutoff, self.envelope_p = float(sbf.cutoff), int(sbf.envelope.p)
         arrays = sbf.constants.arrays
         self.register_buffer("zeros", torch.tensor(arrays["zeros"], dtype=dtype))
         self.register_buffer("normalizer", torch.tensor(arrays["normalizer"], dtype=dtype))
@@ -4191,18 +4236,14 @@ class _ScriptSphericalBasis(nn.Module):
         self.register_buffer("series_coefficients", coefficients)  # [K + 1, L, 1]
 
     def forward(self, dist: Tensor, cos_angle: Tensor, idx_kj: Tensor) -> Tensor:
-        x = dist / self.cutoff
-        jl = _spherical_bessel_own_order(x[:, None, None] * self.zeros, self.series_coefficients)
-        radial = self.envelope(x)[:, None, None] * jl * self.normalizer  # [E, L, R]
-        legendre = [torch.ones_like(cos_angle), cos_angle]
-        for l in range(1, self.num_spherical - 1):
-            legendre.append(((2 * l + 1) * cos_angle * legendre[l] - l * legendre[l - 1]) / (l + 1))
-        angular = torch.stack(legendre[: self.num_spherical], dim=-1) * self.sph_prefactor  # [T, L]
-        return (radial[idx_kj] * angular.unsqueeze(-1)).reshape(idx_kj.numel(), -1)  # [T, L * R]
+        radial = _sbf_radial(dist / self.cutoff, self.zeros, self.normalizer, self.series_coefficients,
+                             self.envelope_p)
+        return _sbf_combine(radial, _sbf_angular(cos_angle, self.sph_prefactor), idx_kj)
 
 
 class _ScriptZBL(nn.Module):
-    """`ZBL.forward` (all three reaches) in TorchScript form: per-atom energies [N]."""
+    """`ZBL.forward` (the same `_zbl_switched`) with its constants as attributes and buffers:
+    per-atom energies [N]."""
 
     def __init__(self, zbl: ZBL, dtype: torch.dtype):
         super().__init__()
@@ -4216,27 +4257,10 @@ class _ScriptZBL(nn.Module):
         self.register_buffer("scale", zbl.scale.detach().to(dtype).clone())
         self.register_buffer("covalent_radii", torch.tensor(covalent_radii_a(), dtype=dtype))
 
-    def energy_and_derivatives(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return _zbl_terms(z_i, z_j, r, self.coulomb, self.screening_length_a, self.screening_exponent,
-                          self.coefficients, self.exponents)
-
     def forward(self, z: Tensor, source: Tensor, target: Tensor, dist: Tensor) -> Tensor:
-        z_i, z_j = z[target], z[source]
-        energy = self.energy_and_derivatives(z_i, z_j, dist)[0]
-        if self.reach == "cutoff":
-            pair = energy * envelope_polynomial(dist / self.cutoff_a, self.envelope_p)
-        elif self.reach == "covalent":
-            pair = energy * envelope_polynomial(dist / (self.covalent_radii[z_i] + self.covalent_radii[z_j]),
-                                                self.envelope_p)
-        else:  # LAMMPS pair_style zbl inner outer
-            fc, dfc, d2fc = self.energy_and_derivatives(z_i, z_j, torch.full_like(dist, self.outer_a))
-            tc = self.outer_a - self.inner_a
-            a = (-3 * dfc + tc * d2fc) / tc**2
-            b = (2 * dfc - tc * d2fc) / tc**3
-            c = -fc + tc / 2 * dfc - tc**2 / 12 * d2fc
-            t = (dist - self.inner_a).clamp(min=0.0)
-            switched = energy + c + a / 3 * t**3 + b / 4 * t**4
-            pair = torch.where(dist < self.outer_a, switched, torch.zeros_like(switched))
+        pair = _zbl_switched(z[target], z[source], dist, self.reach, self.coulomb, self.cutoff_a, self.inner_a,
+                             self.outer_a, self.envelope_p, self.covalent_radii, self.screening_length_a,
+                             self.screening_exponent, self.coefficients, self.exponents)
         return self.scale * scatter_sum(0.5 * pair, target, z.numel())
 
 
@@ -4248,61 +4272,17 @@ def _triplet_sum(s: Tensor, x: Tensor, idx_kj: Tensor, idx_ji: Tensor, num_edges
     return out.index_add_(0, idx_ji, per_triplet)
 
 
-class _ScriptResidualStack(nn.Module):
-    """`_ResidualStack.residual_stack` (swish) as a scriptable module sharing the block's layers."""
+class _ScriptBlock(nn.Module):
+    """An interaction block (either variant) with `_triplet_sum` for the triplet sum (its own
+    `edge_inputs` and `update` are scripted), and its output block."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, output: OutputBlock):
         super().__init__()
-        self.layers_before_skip, self.lin = block.layers_before_skip, block.lin
-        self.layers_after_skip = block.layers_after_skip
-
-    def forward(self, h: Tensor, x: Tensor) -> Tensor:
-        for layer in self.layers_before_skip:
-            h = layer(h)
-        h = F.silu(self.lin(h)) + x
-        for layer in self.layers_after_skip:
-            h = layer(h)
-        return h
-
-
-class _ScriptInteraction(nn.Module):
-    """`InteractionBlock` (DimeNet's bilinear layer) with `_triplet_sum`, and its output block."""
-
-    def __init__(self, block: InteractionBlock, output: OutputBlock):
-        super().__init__()
-        self.lin_rbf, self.lin_sbf, self.lin_kj, self.lin_ji = block.lin_rbf, block.lin_sbf, block.lin_kj, block.lin_ji
-        self.W = block.W
-        self.residual = _ScriptResidualStack(block)
-        self.output = output
+        self.block, self.output = block, output
 
     def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
-        hidden, num_bilinear = self.W.size(0), self.W.size(1)
-        x_ji = F.silu(self.lin_ji(x))
-        x_kj = F.silu(self.lin_kj(x)) * self.lin_rbf(rbf)
-        aggregated = _triplet_sum(self.lin_sbf(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, H]
-        w = self.W.permute(1, 2, 0).reshape(num_bilinear * hidden, hidden)
-        h = x_ji + aggregated.reshape(-1, num_bilinear * hidden) @ w
-        return self.residual(h, x)
-
-
-class _ScriptInteractionPP(nn.Module):
-    """`InteractionPPBlock` (DimeNet++) with `_triplet_sum`, and its output block."""
-
-    def __init__(self, block: InteractionPPBlock, output: OutputBlock):
-        super().__init__()
-        self.lin_rbf1, self.lin_rbf2, self.lin_sbf1, self.lin_sbf2 = (block.lin_rbf1, block.lin_rbf2,
-                                                                      block.lin_sbf1, block.lin_sbf2)
-        self.lin_kj, self.lin_ji, self.lin_down, self.lin_up = block.lin_kj, block.lin_ji, block.lin_down, block.lin_up
-        self.residual = _ScriptResidualStack(block)
-        self.output = output
-
-    def forward(self, x: Tensor, rbf: Tensor, sbf: Tensor, idx_kj: Tensor, idx_ji: Tensor) -> Tensor:
-        x_ji = F.silu(self.lin_ji(x))
-        x_kj = F.silu(self.lin_down(F.silu(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))))
-        aggregated = _triplet_sum(self.lin_sbf1(sbf), x_kj, idx_kj, idx_ji, x.size(0))  # [E, B, int_emb]
-        messages = (aggregated * self.lin_sbf2.weight.t().unsqueeze(0)).sum(1)
-        h = x_ji + F.silu(self.lin_up(messages))
-        return self.residual(h, x)
+        x_ji, x_kj, s = self.block.edge_inputs(x, rbf, sbf)
+        return self.block.update(x, x_ji, _triplet_sum(s, x_kj, idx_kj, idx_ji, x.size(0)))
 
 
 class ExportedPotential(nn.Module):
@@ -4323,8 +4303,7 @@ class ExportedPotential(nn.Module):
         self.register_buffer("elements", torch.tensor([int(e) for e in (elements or [])], dtype=torch.long))
         self.rbf, self.emb, self.output0 = model.rbf, model.emb, model.output_blocks[0]
         self.sbf = _ScriptSphericalBasis(model.sbf, dtype)
-        wrapper = _ScriptInteractionPP if model.variant == "dimenet++" else _ScriptInteraction
-        self.blocks = nn.ModuleList([wrapper(block, output) for block, output in
+        self.blocks = nn.ModuleList([_ScriptBlock(block, output) for block, output in
                                      zip(model.interaction_blocks, model.output_blocks[1:])])
         self.has_zbl = model.zbl is not None
         self.zbl = _ScriptZBL(model.zbl, dtype) if model.zbl is not None else _ScriptZBL(ZBL(energy_unit), dtype)

@@ -103,6 +103,10 @@ def test_exported_model_equals_the_python_model_in_float64(variant, reach, qm9_s
     assert_same(model.energy_and_forces(z, pos, batch), exported(z, pos, batch), rtol=1e-9)
     with torch.no_grad():  # energies alone also under no_grad
         torch.testing.assert_close(exported.energy(z, pos, batch), model(z, pos, batch), rtol=1e-9, atol=1e-9)
+    # a diatomic molecule: edges but no triplets
+    z2, pos2, batch2 = torch.tensor([6, 8]), torch.tensor([[0.0, 0, 0], [0, 0, 1.13]], dtype=torch.float64), \
+        torch.zeros(2, dtype=torch.long)
+    assert_same(model.energy_and_forces(z2, pos2, batch2), exported(z2, pos2, batch2), rtol=1e-9)
 
 
 def test_export_and_the_exported_model_refuse_bad_input(tmp_path):
