@@ -697,7 +697,7 @@ class _SwishGrad(torch.autograd.Function):
     """g * silu'(x) in one kernel (aten.silu_backward), with its derivatives in closed form:
     d/dg = silu'(x), d/dx = g silu''(x), silu''(x) = s (1 - s) (2 + x (1 - 2 s)), s = sigmoid(x).
     (torch's own silu, differentiated twice, records about ten elementwise operations and
-    their saved inputs per activation; force training spends a tenth of its time there.)"""
+    their saved inputs per activation: a third of the force step's peak memory.)"""
 
     @staticmethod
     def forward(ctx, grad: Tensor, x: Tensor) -> Tensor:
