@@ -3400,10 +3400,16 @@ def _select_runs(runs: pd.DataFrame, dataset: str, profile: Optional[str]) -> pd
 
 # --- display (Markdown, LaTeX) and files ---
 
-def _format_mae(mean: float, std: float) -> str:
+def _format_mae(mean: float, std: float, seeds: int = 0, expected_seeds: int = 0) -> str:
+    """mean ± std; "(n of N seeds)" when a cell has fewer seeds than the table's fullest cell."""
     if not np.isfinite(mean):
         return "not run"
-    return f"{mean:.4g}" if not np.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+    text = f"{mean:.4g}" if not np.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+    return text + (f" ({seeds} of {expected_seeds} seeds)" if 0 < seeds < expected_seeds else "")
+
+
+def _seed_counts(column: pd.Series) -> List[int]:
+    return [len(str(seeds).split()) if isinstance(seeds, str) else 0 for seeds in column]
 
 
 def _format_change(mean: float, low: float = math.nan, high: float = math.nan) -> str:
@@ -3415,9 +3421,12 @@ def _format_change(mean: float, low: float = math.nan, high: float = math.nan) -
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-readable table (strings): quoted cells as printed ("–" where the paper has none),
-    "this run" cells as mean ± std, changes in percent with their 95% interval. The machine
+    "this run" cells as mean ± std (with "(n of N seeds)" where a cell has fewer seeds than the
+    table's fullest one, e.g. while a profile is part-way through), changes in percent with their 95% interval. The machine
     columns (std, seeds, run directories, interval bounds) stay in the CSV only."""
     shown = {}
+    seed_columns = [c for c in table.columns if c.endswith("(this run) seeds")]
+    expected_seeds = max((n for c in seed_columns for n in _seed_counts(table[c])), default=0)
     for column in table.columns:
         if column.startswith("Change 95%") or column.endswith((" std", " seeds", " runs")) \
                 or column.startswith("Mean predictor"):
@@ -3429,7 +3438,10 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
         elif column == "Change (paper, %)":
             shown["Change, paper"] = [_format_change(v) for v in table[column]]
         elif column.endswith("(this run)"):
-            shown[column] = [_format_mae(m, s) for m, s in zip(table[column], table[f"{column} std"])]
+            counts = (_seed_counts(table[f"{column} seeds"]) if f"{column} seeds" in table.columns
+                      else [0] * len(table))
+            shown[column] = [_format_mae(m, s, n, expected_seeds)
+                             for m, s, n in zip(table[column], table[f"{column} std"], counts)]
         elif column.endswith("(paper)"):
             shown[column] = ["–" if cell is None or (isinstance(cell, float) and math.isnan(cell)) else str(cell)
                              for cell in table[column]]

@@ -169,6 +169,12 @@ def test_relative_change_is_a_paired_t_interval_over_seeds():
     assert shown.loc["U0", "DimeNet (this run)"] == f"{np.mean(dimenet):.4g} ± {np.std(dimenet, ddof=1):.2g}"
     assert shown.loc["mu", "DimeNet (this run)"] == "not run"
     assert shown.loc["U", "Cormorant (paper)"] == "–"
+    # a target part-way through its seeds says so
+    partial = dc.build_table1(pd.concat([runs, _fake_runs({("homo", "dimenet", 0): 30.0})]), "cpu")
+    shown = dc.display_table(partial).set_index("Target")
+    assert shown.loc["HOMO", "DimeNet (this run)"] == "30 (1 of 3 seeds)"
+    assert shown.loc["U0", "DimeNet (this run)"] == f"{np.mean(dimenet):.4g} ± {np.std(dimenet, ddof=1):.2g}"
+    assert shown.loc["HOMO", "DimezblNet (this run)"] == "not run"
 
 
 def test_write_table_never_leaves_half_written_tables(tmp_path, monkeypatch):
