@@ -2338,8 +2338,9 @@ PROFILES = {
         qm9=dict(n_train=1000, n_valid=100, n_test=200, max_steps=100),
         md17=dict(n_train=100, n_valid=25, max_steps=200, early_stopping_patience=None),
     ),
-    # Hours on a CPU (about 4-6 min per model on 2 cores, 120 models for both tables and 3
-    # seeds): DimeNet's architecture at half width and 4 blocks (CPU_MODEL), the full QM9
+    # Hours on a workstation CPU (120 models for both tables and 3 seeds; measured on one core of
+    # this project's 2-core machine: MD17 8-12 min, QM9 24-32 min per model, about 40 core-hours
+    # in all): DimeNet's architecture at half width and 4 blocks (CPU_MODEL), the full QM9
     # training set, 2,000 steps of batch 32 per model (a step budget, so results do not depend
     # on the machine; max_wall_s is only a safety stop, recorded as the stop reason if hit).
     "cpu": dict(
