@@ -1531,6 +1531,20 @@ class IndexedDataset(torch.utils.data.Dataset):
     def _item(self, row: int) -> Data:
         raise NotImplementedError
 
+    def _content(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold the whole data set (every row, not only this view's)."""
+        raise NotImplementedError
+
+    def content_sha256(self) -> str:
+        """sha256 of the whole data set's values (names, dtypes, shapes and bytes of its tensors):
+        the same data give the same digest whichever file or cache they were read from, so that
+        provenance can tell whether a regenerated data set is the one a run was trained on."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self._content().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def _view(self, rows: torch.Tensor) -> "IndexedDataset":
         view = self.__class__.__new__(self.__class__)
         view.__dict__.update(self.__dict__)
@@ -1555,6 +1569,9 @@ class QM9Dataset(IndexedDataset):
         return Data(z=self._z[start:end].long(), pos=self._pos[start:end].clone(),
                     y=self._y[row:row + 1].clone(), idx=torch.tensor([row]),
                     gdb_id=self._gdb_id[row:row + 1].clone())
+
+    def _content(self) -> dict[str, torch.Tensor]:
+        return {"z": self._z, "pos": self._pos, "ptr": self._ptr, "y": self._y, "gdb_id": self._gdb_id}
 
     @property
     def y(self) -> torch.Tensor:
@@ -1713,6 +1730,9 @@ class MD17Dataset(IndexedDataset):
     def _item(self, row: int) -> Data:
         return Data(z=self._z.clone(), pos=self._pos[row].clone(), energy=self._energy[row:row + 1].clone(),
                     forces=self._forces[row].clone(), idx=torch.tensor([row]))
+
+    def _content(self) -> dict[str, torch.Tensor]:
+        return {"z": self._z, "R": self._pos, "E": self._energy, "F": self._forces}
 
     @property
     def energy(self) -> torch.Tensor:
@@ -2527,6 +2547,7 @@ class RunData:
         else:
             raise ValueError(f"unknown dataset {config.dataset!r}: use 'qm9' or 'md17'")
         self.train, self.valid, self.test = (full[np.asarray(s)] for s in split)
+        self.data_sha256 = full.content_sha256()  # of the whole set the splits were taken from
         kind = config.target_offset or ("none" if config.dataset == "qm9" else "mean_per_atom")
         train_samples = [self.train[i] for i in range(len(self.train))]
         self.offset = target_offset(train_samples, self.target_index, kind, zbl)
@@ -2902,7 +2923,8 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "data": {"dataset": config.dataset, "target": config.target,
                      "source": "qm9pack (QM9, B3LYP/6-31G(2df,p))" if config.dataset == "qm9"
-                     else f"MD17 source={config.md17_source}"},
+                     else f"MD17 source={config.md17_source}",
+                     "content_sha256": data.data_sha256},
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, run_dir / "provenance.json")  # fmt: skip
     return metrics

@@ -409,6 +409,25 @@ def test_generated_forces_are_minus_the_energy_gradient(ethanol_5):
     np.testing.assert_allclose(data["F"][2], numerical, atol=1e-2)  # kcal/mol/A; |F| up to ~30
 
 
+def test_content_sha256_identifies_the_data(ethanol_5, tmp_path):
+    """The digest recorded in provenance: equal for the same values from another file (and for a
+    fresh generation with the same settings: the generator is deterministic), different when one
+    value changes, and the whole set's for every view of it."""
+    dataset = dc.load_md17("ethanol", path=ethanol_5)
+    digest = dataset.content_sha256()
+    assert len(digest) == 64 and dataset[1:3].content_sha256() == digest
+    again = dc.generate_md17("ethanol", 5, out_path=tmp_path / "again" / "ethanol.npz", resume=False,
+                             **GENERATOR_SETTINGS)
+    assert dc.load_md17("ethanol", path=again).content_sha256() == digest
+    arrays = dc.read_md17_npz(ethanol_5)
+    arrays["E"] = arrays["E"].copy()
+    arrays["E"][4] += 1e-9  # kcal/mol
+    changed = tmp_path / "changed" / "ethanol.npz"
+    changed.parent.mkdir()
+    np.savez(changed, **arrays)
+    assert dc.load_md17("ethanol", path=changed).content_sha256() != digest
+
+
 def test_generator_resumes_instead_of_restarting(ethanol_5, tmp_path, caplog):
     out = tmp_path / "ethanol.npz"
     dc.generate_md17("ethanol", 3, out_path=out, **GENERATOR_SETTINGS)

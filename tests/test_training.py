@@ -77,6 +77,7 @@ def test_smoke_qm9_run_learns(tmp_path):
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["seed"] == 0 and provenance["num_parameters"] > 0
     assert provenance["software"]["torch"] == torch.__version__
+    assert provenance["data"]["content_sha256"] == dc.load_qm9().content_sha256()
 
 
 def _run_training_process(config, run_dir):
