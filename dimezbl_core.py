@@ -3147,7 +3147,7 @@ def _config_mismatch(stored: dict, config: TrainConfig) -> list:
 def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Optional[Sequence[int]] = None,
                models: Sequence[str] = ("dimenet", "dimezblnet"), data_dir=None, results_dir=None,
                progress: bool = True, overwrite: bool = False, md17_configs: Optional[int] = None,
-               **overrides) -> pd.DataFrame:
+               reuse_committed: bool = False, **overrides) -> pd.DataFrame:
     """Train every (target, model, seed) of a profile; return their metrics (`collect_runs`).
 
     targets: QM9 targets (QM9_TARGETS) or MD17 molecules (MD17_MOLECULES). seeds: None is
@@ -3157,7 +3157,10 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
 
     Resumable: a run whose metrics.json and checkpoint_best.pt exist with the same config (device
     and out_dir aside) is reused without training; an interrupted run resumes from its checkpoint
-    (train). A run directory holding another config is an error unless overwrite=True (then
+    (train). reuse_committed=True also reuses a finished run whose checkpoint is not here
+    (metrics.json and config.json only: runs committed by an earlier session, whose checkpoints are
+    not committed), so that a long profile can be assembled over several sessions; such runs enter
+    the tables and learning curves, not the plots that need the model (predict_runs skips them). A run directory holding another config is an error unless overwrite=True (then
     it is trained again from scratch). Prints one line per run (reused, or trained: time, MAE).
     MD17 (source "generated"): the GFN2-xTB data are generated first where missing, with
     md17_configs configurations (None: the profile's, PROFILE_MD17_GENERATION).
@@ -3206,9 +3209,14 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                     raise ValueError(
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "
                         "pass overwrite=True to train it again, or use another results_dir")
-                if not mismatch and metrics_path.exists() and (run_dir / "checkpoint_best.pt").exists():
-                    print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
-                    continue
+                if not mismatch and metrics_path.exists():
+                    if (run_dir / "checkpoint_best.pt").exists():
+                        print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
+                        continue
+                    if reuse_committed:
+                        print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config; metrics "
+                              "only, its checkpoint is not here)", flush=True)
+                        continue
                 resume = not mismatch
             start = time.perf_counter()
             metrics = train(config, resume=resume, progress=progress)
@@ -3681,11 +3689,20 @@ def predict(checkpoint, subset: str = "test", device: str = "auto", data_dir=Non
 def predict_runs(runs: pd.DataFrame, subset: str = "test", device: str = "auto", seed: Optional[int] = None,
                  results_dir=None, data_dir=None) -> dict:
     """`predict` for every (target, model) of a runs table (seed None: each run's lowest seed):
-    {(target, model): prediction}."""
-    pairs = runs[["target", "model"]].drop_duplicates().itertuples(index=False)
-    return {(target, model): predict(checkpoint_path(runs, target, model, seed, results_dir), subset,
-                                     device, data_dir)
-            for target, model in pairs}
+    {(target, model): prediction}. A run without its best checkpoint (reused from its metrics
+    only, see run_models' reuse_committed) is left out, with a message naming it."""
+    predictions = {}
+    for target, model in runs[["target", "model"]].drop_duplicates().itertuples(index=False):
+        try:
+            path = checkpoint_path(runs, target, model, seed, results_dir)
+        except FileNotFoundError as missing:
+            print(f"left out of the predictions: {missing}", flush=True)
+            continue
+        predictions[(target, model)] = predict(path, subset, device, data_dir)
+    if not predictions and not runs.empty:
+        raise FileNotFoundError("none of these runs has its best checkpoint here: train them (run_models "
+                                "without reuse_committed) to plot their predictions")
+    return predictions
 
 
 COMPRESSION_DISTANCES_A = np.round(np.arange(0.30, 3.0001, 0.025), 3)  # Angstrom
@@ -4148,11 +4165,23 @@ def reproduce_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kernel", default=KERNEL_NAME, help="Jupyter kernel (default python3: this interpreter)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
                         help="a notebook parameter, e.g. --set 'targets=[\"U0\"]' --set 'seeds=[0, 1]'")
+    parser.add_argument("--notebooks", nargs="+", default=None, metavar="NN",
+                        help="run only these notebooks, by number or name (e.g. --notebooks 03 04 05); "
+                             "default all five in order")
     args = parser.parse_args(argv)
     parameters = parse_set_arguments(args.set)
+    notebooks = NOTEBOOKS
+    if args.notebooks:
+        chosen = [[name for name in NOTEBOOKS if name == wanted or name.startswith(f"{wanted}_")]
+                  for wanted in args.notebooks]
+        unknown = [wanted for wanted, names in zip(args.notebooks, chosen) if len(names) != 1]
+        if unknown:
+            parser.error(f"unknown notebooks {unknown}: use numbers or names of {list(NOTEBOOKS)}")
+        notebooks = [name for names in chosen for name in names]
     start = time.perf_counter()
     try:
-        reproduce(args.profile, args.results_dir, args.data_dir, args.device, parameters, kernel_name=args.kernel)
+        reproduce(args.profile, args.results_dir, args.data_dir, args.device, parameters, notebooks,
+                  kernel_name=args.kernel)
     except (NotebookFailed, ValueError) as error:
         print(f"reproduce: FAILED: {error}", file=sys.stderr, flush=True)
         return 1

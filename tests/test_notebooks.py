@@ -254,6 +254,40 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
     assert not list((reproduced / "tables").glob(".*tmp*"))
 
 
+def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys):
+    """Runs committed by an earlier session have metrics but no checkpoints: reuse_committed=True
+    takes them as they are (no training) and predict_runs leaves them out; by default they are
+    trained again."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduced, results)
+    data_dir = str((reproduced.parent / "data").resolve())
+    kept = results / "runs" / "smoke" / "md17" / "ethanol" / "dimenet_seed0"
+    committed = results / "runs" / "smoke" / "md17" / "ethanol" / "dimezblnet_seed0"
+    for checkpoint in committed.glob("*.pt"):
+        checkpoint.unlink()
+    metrics_before = (committed / "metrics.json").read_text()
+    arguments = dict(data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32,
+                     **TINY_TRAINING)
+    runs = dc.run_models("smoke", "md17", ["ethanol"], [0], reuse_committed=True, **arguments)
+    printed = capsys.readouterr().out
+    assert "trained" not in printed and "metrics only" in printed and len(runs) == 2
+    assert (committed / "metrics.json").read_text() == metrics_before and not (committed / "checkpoint_best.pt").exists()
+    predictions = dc.predict_runs(runs, "test", device="cpu", results_dir=results, data_dir=data_dir)
+    assert list(predictions) == [("ethanol", "dimenet")] and (kept / "checkpoint_best.pt").exists()
+    assert "left out of the predictions" in capsys.readouterr().out
+    dc.run_models("smoke", "md17", ["ethanol"], [0], models=["dimezblnet"], **arguments)
+    assert "trained" in capsys.readouterr().out and (committed / "checkpoint_best.pt").exists()
+
+
+def test_reproduce_runs_the_notebooks_named_on_the_command_line(tmp_path):
+    with pytest.raises(SystemExit):
+        dc.reproduce_main(["--notebooks", "07", "--results-dir", str(tmp_path)])
+    assert dc.reproduce_main(["--notebooks", "01", "--results-dir", str(tmp_path)]) == 0
+    assert [path.name for path in (tmp_path / "executed").iterdir()] == ["01_basis_visualization.ipynb"]
+
+
 def _read_csv(path):
     return pd.read_csv(path, comment="#", dtype=str, keep_default_na=False)
 
