@@ -3162,8 +3162,8 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
     not committed), so that a long profile can be assembled over several sessions; such runs enter
     the tables and learning curves, not the plots that need the model (predict_runs skips them). A run directory holding another config is an error unless overwrite=True (then
     it is trained again from scratch). Prints one line per run (reused, or trained: time, MAE).
-    MD17 (source "generated"): the GFN2-xTB data are generated first where missing, with
-    md17_configs configurations (None: the profile's, PROFILE_MD17_GENERATION).
+    MD17 (source "generated"): when a run needs training, the GFN2-xTB data are generated first
+    where missing, with md17_configs configurations (None: the profile's, PROFILE_MD17_GENERATION).
     """
     if dataset not in ("qm9", "md17"):
         raise ValueError(f"unknown dataset {dataset!r}: use 'qm9' or 'md17'")
@@ -3193,12 +3193,7 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
             fields["md17_path"] = portable_path(generated_md17_path(target, profile, data_dir))
         configs = [profile_config(profile, dataset, target, zbl=MODEL_ZBL[model], seed=seed, **fields)
                    for model in models for seed in seeds]
-        if dataset == "md17" and configs[0].md17_source == "generated":
-            generation = dict(PROFILE_MD17_GENERATION.get(profile, {}))
-            wanted = md17_configs or generation.pop("n_configs", 0)
-            generation.pop("n_configs", None)
-            ensure_md17_data(target, max(wanted, _md17_configs_needed(configs[0])), data_dir, progress,
-                             path=repository_path(configs[0].md17_path), **generation)
+        to_train = []  # (config, resume) of the runs that are not finished
         for config in configs:
             run_dir = config.run_dir
             stored_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
@@ -3218,12 +3213,20 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                               "only, its checkpoint is not here)", flush=True)
                         continue
                 resume = not mismatch
+            to_train.append((config, resume))
+        if to_train and dataset == "md17" and configs[0].md17_source == "generated":  # data only when needed
+            generation = dict(PROFILE_MD17_GENERATION.get(profile, {}))
+            wanted = md17_configs or generation.pop("n_configs", 0)
+            generation.pop("n_configs", None)
+            ensure_md17_data(target, max(wanted, _md17_configs_needed(configs[0])), data_dir, progress,
+                             path=repository_path(configs[0].md17_path), **generation)
+        for config, resume in to_train:
             start = time.perf_counter()
             metrics = train(config, resume=resume, progress=progress)
             test = ", ".join(f"{k} {v:.4g} {metrics['units'][k.split('_')[0]]}"
                              for k, v in metrics["test"].items() if k.endswith("_mae"))
-            print(f"trained {_relative_to_results(run_dir, results_dir)} in {time.perf_counter() - start:.0f} s: "
-                  f"test MAE {test}", flush=True)
+            print(f"trained {_relative_to_results(config.run_dir, results_dir)} in "
+                  f"{time.perf_counter() - start:.0f} s: test MAE {test}", flush=True)
     runs = collect_runs(profile, dataset, results_dir)
     keep = runs["target"].isin(targets) & runs["model"].isin(list(models)) & runs["seed"].isin(seeds)
     return runs[keep].reset_index(drop=True)

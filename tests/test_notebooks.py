@@ -254,10 +254,10 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
     assert not list((reproduced / "tables").glob(".*tmp*"))
 
 
-def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys):
+def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys, monkeypatch):
     """Runs committed by an earlier session have metrics but no checkpoints: reuse_committed=True
-    takes them as they are (no training) and predict_runs leaves them out; by default they are
-    trained again."""
+    takes them as they are (no training, no data generation) and predict_runs leaves them out;
+    by default they are trained again."""
     import shutil
 
     results = tmp_path / "results"
@@ -270,7 +270,12 @@ def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced,
     metrics_before = (committed / "metrics.json").read_text()
     arguments = dict(data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32,
                      **TINY_TRAINING)
-    runs = dc.run_models("smoke", "md17", ["ethanol"], [0], reuse_committed=True, **arguments)
+    def no_generation(*args, **kwargs):
+        raise AssertionError("nothing is trained, so no data set is needed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dc, "ensure_md17_data", no_generation)
+        runs = dc.run_models("smoke", "md17", ["ethanol"], [0], reuse_committed=True, **arguments)
     printed = capsys.readouterr().out
     assert "trained" not in printed and "metrics only" in printed and len(runs) == 2
     assert (committed / "metrics.json").read_text() == metrics_before and not (committed / "checkpoint_best.pt").exists()
