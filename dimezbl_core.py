@@ -3536,13 +3536,17 @@ def _md17_data_text(runs: pd.DataFrame) -> str:
         return (f"MD17 from {', '.join(sources) or '?'} (sGDML/rMD17 npz files; DFT, PBE+vdW-TS, the "
                 "data of the paper)")
     details, spacing_fs = [], set()
-    for molecule, profile, data_dir in sorted(set(zip(runs["target"], runs["profile"],
-                                                      runs["data_dir"].fillna("")))):
+    for (molecule, profile, data_dir), rows in runs.groupby(
+            [runs["target"], runs["profile"], runs["data_dir"].fillna("")], sort=True):
+        # the size of the data set the splits were taken from, from the runs themselves (the data
+        # file need not be here: runs committed by an earlier session)
+        sizes = sorted(set((rows["n_train"] + rows["n_valid"] + rows["n_test"]).astype(int)))
+        details.append(f"{molecule} {'/'.join(str(n) for n in sizes)}")
         sidecar = generated_md17_path(molecule, profile, data_dir or None).with_suffix(".json")
-        if sidecar.exists():
-            info = json.loads(sidecar.read_text())
-            details.append(f"{molecule} {info.get('n_configs', '?')}")
-            spacing_fs.add(info.get("sample_every", MD17_SAMPLE_EVERY) * info.get("timestep_fs", MD17_TIMESTEP_FS))
+        # the generator's settings: from the data set's sidecar, else the ones the profile uses
+        info = (json.loads(sidecar.read_text()) if sidecar.exists()
+                else {**_MD17_GENERATION_DEFAULTS, **PROFILE_MD17_GENERATION.get(profile, {})})
+        spacing_fs.add(info.get("sample_every", MD17_SAMPLE_EVERY) * info.get("timestep_fs", MD17_TIMESTEP_FS))
     counts = f" ({', '.join(details)} configurations)" if details else ""
     spacing = ", ".join(f"{s:g}" for s in sorted(spacing_fs)) or f"{MD17_SAMPLE_EVERY * MD17_TIMESTEP_FS:g}"
     return ("MD17-style data generated here with GFN2-xTB (semi-empirical tight binding, tblite), "

@@ -177,6 +177,18 @@ def test_relative_change_is_a_paired_t_interval_over_seeds():
     assert shown.loc["HOMO", "DimezblNet (this run)"] == "not run"
 
 
+def test_md17_data_text_needs_no_data_files(tmp_path):
+    """Tables of runs committed by another session (their generated data are not here) still
+    name the data set sizes (from the runs) and the sampling interval (from the profile)."""
+    runs = _fake_runs({("benzene", "dimenet", 0): 1.0, ("ethanol", "dimenet", 0): 1.0})
+    runs = runs.assign(profile="smoke", dataset="md17", md17_source="generated", data_dir=str(tmp_path),
+                       n_train=100, n_valid=25, n_test=[75, 50])
+    text = dc._md17_data_text(runs)
+    interval_fs = dc.PROFILE_MD17_GENERATION["smoke"]["sample_every"] * dc.MD17_TIMESTEP_FS
+    assert f"one configuration every {interval_fs:g} fs (benzene 200, ethanol 175 configurations)" in text
+    assert "NOT the DFT" in text
+
+
 def test_write_table_never_leaves_half_written_tables(tmp_path, monkeypatch):
     table = dc.build_table1(_fake_runs({("U0", "dimenet", 0): 1.0, ("U0", "dimezblnet", 0): 0.9}), "cpu")
     paths = dc.write_table(table, ["Profile: cpu"], "table1_qm9", tmp_path)
