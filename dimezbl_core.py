@@ -3591,7 +3591,7 @@ def table_header(runs: pd.DataFrame, table: int, profile: str) -> list:
             f"{' (uncommitted changes)' if runs['git_dirty'].fillna(False).any() else ''}; "
             f"tables written at {git_state().get('commit')}",
             f"Hardware: {_range_text(runs['hardware'])}; training wall time per model "
-            f"{wall.min():.0f}-{wall.max():.0f} s" if len(wall) else f"Hardware: {_range_text(runs['hardware'])}",
+            f"{_range_text([int(round(w)) for w in wall])} s" if len(wall) else f"Hardware: {_range_text(runs['hardware'])}",
         ]
     lines.append(f"Written: {time.strftime('%Y-%m-%d %H:%M:%S %z')} on {platform.node() or '?'}")
     return lines
