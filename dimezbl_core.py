@@ -2769,7 +2769,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True,
                                  eps=config.amsgrad_eps)  # fmt: skip
     data = RunData(config, model.zbl)
     state = {"step": 0, "best_valid": math.inf, "best_step": -1, "evals_since_best": 0,
-             "train_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0}  # fmt: skip
+             "train_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0, "segments": []}  # fmt: skip
     if resume and last_path.exists():
         checkpoint = load_checkpoint(last_path)
         if checkpoint["config"] != config.to_dict():
@@ -2785,6 +2785,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True,
     elif rank == 0:
         for stale in (run_dir / "learning_curve.csv", run_dir / "metrics.json"):
             stale.unlink(missing_ok=True)
+    # the code and threads of each process that trains this run (a resumed run may span commits)
+    state["segments"] = [*state.get("segments", []),
+                         {**git_state(), "from_step": state["step"], "torch_threads": torch.get_num_threads(),
+                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     module = model
     if world_size > 1:
         module = torch.nn.parallel.DistributedDataParallel(model)
@@ -2919,6 +2923,7 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
         _json_dump_atomic({
             "config": config.to_dict(), "seed": config.seed, "git": git_state(),
             "software": software_versions(), "hardware": hardware_description(device),
+            "segments": state.get("segments", []),  # each process that trained it: code, first step
             "train_wall_time_s": round(state["train_time_s"], 2), "world_size": world_size,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "data": {"dataset": config.dataset, "target": config.target,

@@ -115,6 +115,13 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         return [row.rsplit(",", 1)[0] for row in (directory / "learning_curve.csv").read_text().splitlines()]
 
     assert curve_without_wall_time(run_dir) == curve_without_wall_time(tmp_path / "reference")
+    # provenance names both processes that trained the resumed run, with the step each started at
+    segments = json.loads((run_dir / "provenance.json").read_text())["segments"]
+    assert [segment["from_step"] for segment in segments] == [0, killed_at]
+    assert all(segment["dimezbl_core_sha256"] == dc.git_state()["dimezbl_core_sha256"] and
+               segment["torch_threads"] == 1 for segment in segments)
+    reference_segments = json.loads((tmp_path / "reference" / "provenance.json").read_text())["segments"]
+    assert [segment["from_step"] for segment in reference_segments] == [0]
 
 
 def test_nan_loss_stops_cleanly_and_keeps_checkpoint(tmp_path, monkeypatch):
