@@ -2977,6 +2977,42 @@ def parse_set_arguments(items) -> dict:
     return values
 
 
+def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python dimezbl_core.py run-models --profile cpu --dataset md17 --targets benzene ...`: the
+    training part of notebooks 03/04 (run_models) from the command line, e.g. for a long profile
+    trained in chunks in the background; prints one line per run, exit status 3 if one diverges."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python dimezbl_core.py run-models", description=(
+        "Train DimeNet and DimezblNet for targets of a profile, seed by seed (both models of a seed "
+        "together); finished runs are reused, interrupted ones resume from their checkpoints."))
+    parser.add_argument("--profile", default="smoke", choices=sorted(PROFILES))
+    parser.add_argument("--dataset", choices=("qm9", "md17"), required=True)
+    parser.add_argument("--targets", nargs="+", required=True, help="QM9 targets or MD17 molecules")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the profile's seeds")
+    parser.add_argument("--models", nargs="+", choices=tuple(MODEL_ZBL), default=tuple(MODEL_ZBL))
+    parser.add_argument("--results-dir", default=None, help="default <repository>/results")
+    parser.add_argument("--data-dir", default=None, help="default $DIMEZBL_DATA_DIR or <repository>/data")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's); with two jobs on two cores use 1 each")
+    parser.add_argument("--reuse-committed", action="store_true",
+                        help="count finished runs without their checkpoints as done (see run_models)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a TrainConfig field (runs then differ from the profile's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        run_models(args.profile, args.dataset, args.targets, args.seeds, models=args.models,
+                   data_dir=args.data_dir, results_dir=args.results_dir, device=args.device, progress=False,
+                   reuse_committed=args.reuse_committed, **parse_set_arguments(args.set))
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def config_from_arguments(args) -> TrainConfig:
     overrides = parse_set_arguments(args.set)
     for key in ("device", "out_dir", "data_dir"):
@@ -3196,8 +3232,9 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
         if dataset == "md17" and fields.get("md17_source", "generated") == "generated":
             # one generated data set per profile, so profiles never overwrite each other's data
             fields["md17_path"] = portable_path(generated_md17_path(target, profile, data_dir))
+        # seed by seed, both models of a seed together: an interrupted profile leaves complete pairs
         configs = [profile_config(profile, dataset, target, zbl=MODEL_ZBL[model], seed=seed, **fields)
-                   for model in models for seed in seeds]
+                   for seed in seeds for model in models]
         to_train = []  # (config, resume) of the runs that are not finished
         for config in configs:
             run_dir = config.run_dir
@@ -5072,7 +5109,8 @@ def shortrange_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,reproduce} ...` (see --help)."""
+    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,run-models,reproduce} ...`
+    (see --help)."""
     import argparse
     import sys
 
@@ -5083,6 +5121,8 @@ def main(argv=None) -> int:
         return reproduce_main(argv[1:])
     if argv[:1] == ["shortrange"]:
         return shortrange_main(argv[1:])
+    if argv[:1] == ["run-models"]:
+        return run_models_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python dimezbl_core.py", description="DimezblNet companion (DimeNet + ZBL)."
     )
@@ -5102,6 +5142,8 @@ def main(argv=None) -> int:
     sub.add_parser("shortrange", help="bond compression against GFN2-xTB and MD stability of the MD17 models "
                    "(make shortrange; see its --help)")
     sub.add_parser("generate-md17", help="generate MD17-style data with GFN2-xTB (see its --help)")
+    sub.add_parser("run-models", help="train every (target, model, seed) of a profile without the notebooks, "
+                   "resumable (see its --help)")
     sub.add_parser("reproduce", help="regenerate Tables 1 and 2 and the figures (notebooks 01-05, "
                    "see its --help)")
     args = parser.parse_args(argv)

@@ -221,3 +221,30 @@ def test_provenance_records_the_code_as_imported():
     assert state["dimezbl_core_sha256"] == hashlib.sha256(source).hexdigest()
     state["commit"] = "changed by the caller"
     assert dc.git_state()["commit"] != "changed by the caller"  # callers get a copy
+
+
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_run_models_command_line_trains_seed_by_seed_and_reuses(tmp_path, capsys, keep_torch_threads):
+    """`run-models` (the training of notebooks 03/04 from the shell): both models of a seed before
+    the next seed, every run written; a second call trains nothing."""
+    arguments = ["run-models", "--profile", "smoke", "--dataset", "qm9", "--targets", "U0", "--seeds", "0", "1",
+                 "--results-dir", str(tmp_path), "--threads", "1", "--set", f"model={json.dumps(TINY_MODEL)}",
+                 "--set", "max_steps=2", "--set", "eval_every=2", "--set", "n_train=16", "--set", "n_valid=4",
+                 "--set", "n_test=4", "--set", "batch_size=4"]
+    assert dc.main(arguments) == 0
+    trained = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("trained ")]
+    assert trained == [f"runs/smoke/qm9/U0/{model}_seed{seed}" for seed in (0, 1)
+                       for model in ("dimenet", "dimezblnet")]
+    for run in trained:
+        assert (tmp_path / run / "metrics.json").exists() and (tmp_path / run / "provenance.json").exists()
+    assert dc.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "trained " not in printed and printed.count("reusing ") == 4
+    with pytest.raises(SystemExit):
+        dc.main(["run-models", "--dataset", "qm9", "--targets", "U0", "--models", "schnet"])
