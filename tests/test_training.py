@@ -87,7 +87,14 @@ def _run_training_process(config, run_dir):
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, keep_torch_threads):
     config = tiny_config(tmp_path, max_steps=24)
     torch.set_num_threads(1)
     reference = dc.train(config, resume=False, progress=False, run_dir=tmp_path / "reference")
@@ -221,13 +228,6 @@ def test_provenance_records_the_code_as_imported():
     assert state["dimezbl_core_sha256"] == hashlib.sha256(source).hexdigest()
     state["commit"] = "changed by the caller"
     assert dc.git_state()["commit"] != "changed by the caller"  # callers get a copy
-
-
-@pytest.fixture
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_run_models_command_line_trains_seed_by_seed_and_reuses(tmp_path, capsys, keep_torch_threads):
