@@ -3201,8 +3201,10 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
     (train). reuse_committed=True also reuses a finished run whose checkpoint is not here
     (metrics.json and config.json only: runs committed by an earlier session, whose checkpoints are
     not committed), so that a long profile can be assembled over several sessions; such runs enter
-    the tables and learning curves, not the plots that need the model (predict_runs skips them). A run directory holding another config is an error unless overwrite=True (then
-    it is trained again from scratch). Prints one line per run (reused, or trained: time, MAE).
+    the tables and learning curves, not the plots that need the model (predict_runs skips them).
+    A run directory holding another config is an error unless overwrite=True (then it is trained
+    again from scratch). Runs are trained seed by seed, both models of a seed together. Prints one
+    line per run (reused, or trained: time, MAE).
     MD17 (source "generated"): when a run needs training, the GFN2-xTB data are generated first
     where missing, with md17_configs configurations (None: the profile's, PROFILE_MD17_GENERATION).
     """
