@@ -2744,10 +2744,59 @@ def _distributed_context():
     return 0, 1
 
 
+class RunLock:
+    """An exclusive lock on a run directory while a process trains it (`<run_dir>/.training.lock`,
+    holding the pid): a second process that would train the same run (a notebook while a
+    background job trains it, say) stops with an error instead of interleaving checkpoints and
+    learning curves. fcntl.flock: released by the kernel when the holder exits, even on kill -9,
+    so a crashed run never leaves a stale lock. Where fcntl does not exist (Windows) it does nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.file = Path(run_dir) / ".training.lock", None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            self.file = None
+            raise RuntimeError(f"{self.path.parent} is being trained by another process (pid {holder}); "
+                               "let it finish or stop it before training this run here") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+            self.file = None
+        return False
+
+
 def train(config: TrainConfig, resume: bool = True, progress: bool = True,
           run_dir: Optional[Path] = None) -> dict:
     """Train one model under DimeNet's protocol; returns the final metrics (also written to
-    <run_dir>/metrics.json). Resumes from <run_dir>/checkpoint_last.pt when it exists."""
+    <run_dir>/metrics.json). Resumes from <run_dir>/checkpoint_last.pt when it exists. The run
+    directory is locked meanwhile (RunLock): another process training the same run is an error."""
+    rank, _ = _distributed_context()
+    run_dir = Path(run_dir) if run_dir is not None else config.run_dir
+    if rank != 0:  # one lock per run: rank 0 holds it for the whole job
+        return _train(config, resume, progress, run_dir)
+    with RunLock(run_dir):
+        return _train(config, resume, progress, run_dir)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     if config.compile and config.dataset == "md17":
@@ -2759,7 +2808,6 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True,
     device = select_device(config.device)
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
-    run_dir = Path(run_dir) if run_dir is not None else config.run_dir
     last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
     torch.manual_seed(config.seed)
     dtype = getattr(torch, config.dtype)

@@ -108,6 +108,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, keep_torch_threads):
         if last.exists() and dc.load_checkpoint(last)["state"]["step"] >= 6:
             break
         time.sleep(0.05)
+    # while it trains, the run is locked: a second process does not interleave its checkpoints
+    with pytest.raises(RuntimeError, match=f"being trained by another process \\(pid {process.pid}\\)"):
+        dc.train(config, resume=True, progress=False, run_dir=run_dir)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = dc.load_checkpoint(run_dir / "checkpoint_last.pt")["state"]["step"]
