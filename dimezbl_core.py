@@ -2834,7 +2834,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> 
         for stale in (run_dir / "learning_curve.csv", run_dir / "metrics.json"):
             stale.unlink(missing_ok=True)
     # the code and threads of each process that trains this run (a resumed run may span commits)
-    state["segments"] = [*state.get("segments", []),
+    state["segments"] = [*state["segments"],
                          {**git_state(), "from_step": state["step"], "torch_threads": torch.get_num_threads(),
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     module = model
@@ -2971,7 +2971,7 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
         _json_dump_atomic({
             "config": config.to_dict(), "seed": config.seed, "git": git_state(),
             "software": software_versions(), "hardware": hardware_description(device),
-            "segments": state.get("segments", []),  # each process that trained it: code, first step
+            "segments": state["segments"],  # each process that trained it: code, first step
             "train_wall_time_s": round(state["train_time_s"], 2), "world_size": world_size,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "data": {"dataset": config.dataset, "target": config.target,
