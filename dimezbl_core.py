@@ -3046,6 +3046,8 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch threads (default torch's); with two jobs on two cores use 1 each")
     parser.add_argument("--reuse-committed", action="store_true",
                         help="count finished runs without their checkpoints as done (see run_models)")
+    parser.add_argument("--no-training", action="store_true",
+                        help="train nothing: list the unfinished runs and collect the finished ones")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a TrainConfig field (runs then differ from the profile's)")
     args = parser.parse_args(argv)
@@ -3054,7 +3056,8 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run_models(args.profile, args.dataset, args.targets, args.seeds, models=args.models,
                    data_dir=args.data_dir, results_dir=args.results_dir, device=args.device, progress=False,
-                   reuse_committed=args.reuse_committed, **parse_set_arguments(args.set))
+                   reuse_committed=args.reuse_committed, train_missing=not args.no_training,
+                   **parse_set_arguments(args.set))
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
@@ -3236,7 +3239,7 @@ def _config_mismatch(stored: dict, config: TrainConfig) -> list:
 def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Optional[Sequence[int]] = None,
                models: Sequence[str] = ("dimenet", "dimezblnet"), data_dir=None, results_dir=None,
                progress: bool = True, overwrite: bool = False, md17_configs: Optional[int] = None,
-               reuse_committed: bool = False, **overrides) -> pd.DataFrame:
+               reuse_committed: bool = False, train_missing: bool = True, **overrides) -> pd.DataFrame:
     """Train every (target, model, seed) of a profile; return their metrics (`collect_runs`).
 
     targets: QM9 targets (QM9_TARGETS) or MD17 molecules (MD17_MOLECULES). seeds: None is
@@ -3250,6 +3253,8 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
     (metrics.json and config.json only: runs committed by an earlier session, whose checkpoints are
     not committed), so that a long profile can be assembled over several sessions; such runs enter
     the tables and learning curves, not the plots that need the model (predict_runs skips them).
+    train_missing=False trains nothing: unfinished or absent runs are named and left out (e.g. to
+    rebuild tables and figures from finished runs while another process trains the rest).
     A run directory holding another config is an error unless overwrite=True (then it is trained
     again from scratch). Runs are trained seed by seed, both models of a seed together. Prints one
     line per run (reused, or trained: time, MAE).
@@ -3306,6 +3311,10 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                         continue
                 resume = not mismatch
             to_train.append((config, resume))
+        if to_train and not train_missing:
+            print(f"not training {len(to_train)} unfinished run(s) (train_missing=False), left out: "
+                  + ", ".join(_relative_to_results(c.run_dir, results_dir) for c, _ in to_train), flush=True)
+            to_train = []
         if to_train and dataset == "md17" and configs[0].md17_source == "generated":  # data only when needed
             generation = dict(PROFILE_MD17_GENERATION.get(profile, {}))
             wanted = md17_configs or generation.pop("n_configs", 0)

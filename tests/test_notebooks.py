@@ -298,6 +298,39 @@ def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced,
     assert "trained" in capsys.readouterr().out and (committed / "checkpoint_best.pt").exists()
 
 
+def test_no_training_collects_finished_runs_and_names_the_rest(reproduced, tmp_path, capsys, monkeypatch):
+    """train_missing=False (run-models --no-training, notebooks' train_missing parameter) trains
+    nothing, also not unfinished or absent runs: they are named and left out of the result."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduced, results)
+    unfinished = results / "runs" / "smoke" / "md17" / "ethanol" / "dimezblnet_seed0"
+    (unfinished / "metrics.json").unlink()  # as if its training was interrupted
+    data_dir = str((reproduced.parent / "data").resolve())
+    files_before = sorted(path.name for path in unfinished.iterdir())
+    def no_training(*args, **kwargs):
+        raise AssertionError("train_missing=False must not train")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dc, "train", no_training)
+        patch.setattr(dc, "ensure_md17_data", no_training)
+        runs = dc.run_models("smoke", "md17", ["ethanol"], [0, 1], results_dir=results, data_dir=data_dir,
+                             device="cpu", progress=False, train_missing=False, **TINY_TRAINING)
+        printed = capsys.readouterr().out
+        assert runs[["model", "seed"]].values.tolist() == [["dimenet", 0]]
+        assert "not training 3 unfinished run(s)" in printed
+        for name in ("dimezblnet_seed0", "dimenet_seed1", "dimezblnet_seed1"):
+            assert f"ethanol/{name}" in printed
+        assert sorted(path.name for path in unfinished.iterdir()) == files_before
+        assert not (unfinished.parent / "dimenet_seed1").exists()
+        arguments = ["--profile", "smoke", "--dataset", "md17", "--targets", "ethanol", "--seeds", "0",
+                     "--results-dir", str(results), "--data-dir", data_dir, "--no-training"]
+        arguments += [f"--set={key}={json.dumps(value)}" for key, value in TINY_TRAINING.items()]
+        assert dc.run_models_main(arguments) == 0
+        assert "not training 1 unfinished run(s)" in capsys.readouterr().out
+
+
 def test_reproduce_runs_the_notebooks_named_on_the_command_line(tmp_path):
     with pytest.raises(SystemExit):
         dc.reproduce_main(["--notebooks", "07", "--results-dir", str(tmp_path)])
