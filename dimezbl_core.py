@@ -2389,14 +2389,21 @@ PROFILE_MD17_GENERATION = {
 
 def profile_config(profile: str, dataset: str, target: str, zbl: bool = True, seed: int = 0,
                    **overrides) -> TrainConfig:
-    """The named config of a profile (smoke, cpu, paper) for one model; overrides win."""
+    """The named config of a profile (smoke, cpu, paper) for one model; overrides win.
+
+    overrides["model"] replaces the profile's model dict; a key "model.NAME" changes one field of
+    it and keeps the others (e.g. {"model.zbl_reach": "covalent"}, `--set model.zbl_reach=covalent`)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: use one of {sorted(PROFILES)}")
     values = {k: v for k, v in PROFILES[profile].items() if k not in ("qm9", "md17")}
     values.update(PROFILES[profile].get(dataset, {}))
     values.update(dataset=dataset, target=target, zbl=zbl, seed=seed, profile=profile)
-    values["model"] = dict(values.get("model", {}))
-    values.update(overrides)
+    fields = {key: value for key, value in overrides.items() if not key.startswith("model.")}
+    values.update(fields)
+    values["model"] = dict(values.get("model") or {})
+    for key, value in overrides.items():
+        if key.startswith("model."):
+            values["model"][key[len("model."):]] = value
     return TrainConfig.from_dict(values)
 
 

@@ -66,6 +66,18 @@ def test_profiles_are_named_configs():
         dc.TrainConfig.from_dict({"learning_rat": 1})
 
 
+def test_model_dot_overrides_change_one_field_of_the_profiles_model():
+    """`--set model.zbl_reach=covalent` keeps the profile's width and depth; `--set model=...`
+    replaces the whole dict."""
+    one_field = dc.profile_config("cpu", "md17", "ethanol", **dc.parse_set_arguments(["model.zbl_reach=covalent"]))
+    assert one_field.model == {**dc.CPU_MODEL, "zbl_reach": "covalent"}
+    replaced = dc.profile_config("cpu", "md17", "ethanol", model={"zbl_reach": "covalent"})
+    assert replaced.model == {"zbl_reach": "covalent"}
+    both = dc.profile_config("cpu", "md17", "ethanol", **{"model": {"num_blocks": 2}, "model.zbl_reach": "lammps"})
+    assert both.model == {"num_blocks": 2, "zbl_reach": "lammps"}
+    assert dc.profile_config("cpu", "md17", "ethanol").model == dc.CPU_MODEL  # the profile is not modified
+
+
 def test_smoke_qm9_run_learns(tmp_path):
     """The smoke profile's QM9 run (shortened) beats predicting the training mean by far."""
     config = dc.profile_config("smoke", "qm9", "U0", zbl=True, out_dir=str(tmp_path))
