@@ -5051,10 +5051,11 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
             ax.bar(np.arange(len(temperatures)) + (k - (len(models) - 1) / 2) * width, values, width,
                    color=colors.get(model), label=model)
         ax.set_xticks(np.arange(len(temperatures)), [f"{t:g}" for t in temperatures])
-        ax.set(xlabel="temperature (K)", ylabel="unphysical trajectories (%)", ylim=(0, 105),
+        ax.set(xlabel="temperature (K)", ylabel="unphysical trajectories (%)", ylim=(0, 130),
+               yticks=np.arange(0, 101, 20),
                title=f"{'Langevin' if ensemble == 'langevin' else 'NVE (velocity Verlet)'}, "
                      f"{rows['simulated_time_fs'].max():g} fs" if len(rows) else ensemble)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", ncol=len(models))  # above the 100% bars
     ax = axes[0][2]
     nve = summary[(summary["ensemble"] == "nve") & summary["median_abs_drift_ev_atom_ps"].notna()]
     for model in models:
