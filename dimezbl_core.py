@@ -2400,7 +2400,7 @@ def profile_config(profile: str, dataset: str, target: str, zbl: bool = True, se
     values.update(dataset=dataset, target=target, zbl=zbl, seed=seed, profile=profile)
     fields = {key: value for key, value in overrides.items() if not key.startswith("model.")}
     values.update(fields)
-    values["model"] = dict(values.get("model") or {})
+    values["model"] = dict(values.get("model", {}))  # a copy: "model.NAME" keys never change the caller's dict
     for key, value in overrides.items():
         if key.startswith("model."):
             values["model"][key[len("model."):]] = value
