@@ -1466,8 +1466,9 @@ def _write_qm9_cache(arrays: dict[str, np.ndarray], data_dir, fingerprint: dict[
     })
 
 
-def _read_qm9_cache(data_dir, fingerprint: dict[str, int]) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """The cached tensors, or (None, why the cache cannot be used)."""
+def _read_qm9_cache(data_dir, fingerprint: dict[str, int] | None) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The cached tensors, or (None, why the cache cannot be used). ``fingerprint`` None (qm9pack
+    absent): the cache's own checks (version, size, sha256, shapes) only, not staleness."""
     cache_path, sidecar_path = _qm9_cache_paths(data_dir)
     if not cache_path.exists():
         return None, f"no cache at {cache_path}"
@@ -1479,7 +1480,7 @@ def _read_qm9_cache(data_dir, fingerprint: dict[str, int]) -> tuple[dict[str, to
         return None, f"its sidecar {sidecar_path} is missing or unreadable ({error})"
     if version != QM9_CACHE_FORMAT_VERSION:
         return None, f"it has format version {version}, this code writes {QM9_CACHE_FORMAT_VERSION}"
-    if sources != fingerprint:
+    if fingerprint is not None and sources != fingerprint:
         return None, f"the qm9pack CSV sizes changed ({sources} -> {fingerprint})"
     payload = cache_path.read_bytes()
     if len(payload) != expected_size:
@@ -1589,7 +1590,21 @@ def load_qm9(data_dir=None) -> QM9Dataset:
     qm9pack file sizes, byte size, sha256); a missing, stale, truncated or corrupt cache is rebuilt
     from qm9pack's CSVs with a logged warning.
     """
-    files = qm9_source_files()
+    try:
+        files = qm9_source_files()
+    except ModuleNotFoundError as error:
+        # A machine without qm9pack (a GPU node, say) can use a cache built elsewhere: copy
+        # <data_dir>/qm9_v1.pt and its .json; it is verified as usual, only its staleness cannot be.
+        tensors, reason = _read_qm9_cache(data_dir, None)
+        if tensors is None:
+            cache_path, _ = _qm9_cache_paths(data_dir)
+            raise ModuleNotFoundError(
+                f"{error}; or copy a QM9 cache built where qm9pack is installed to {cache_path} "
+                f"(with its .json sidecar): {reason}") from error
+        LOG.warning("qm9pack is not installed: using the verified QM9 cache in %s as it is "
+                    "(its sha256 matches; whether qm9pack changed since cannot be checked here)",
+                    data_dir_path(data_dir))
+        return QM9Dataset(tensors)
     fingerprint = _qm9_source_fingerprint(files)
     tensors, reason = _read_qm9_cache(data_dir, fingerprint)
     if tensors is None:
@@ -2699,9 +2714,15 @@ def _git_state_now() -> dict:
         # dirty: uncommitted changes to the code; results/ is excluded, since a run rewrites the
         # committed tables, figures and executed notebooks there itself
         changes = run("status", "--porcelain", "--", ".", ":(exclude)results")
-        return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(changes)}
+        commit = run("rev-parse", "HEAD") or None
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        commit = changes = None
+    if commit is None and os.environ.get("DIMEZBL_GIT_COMMIT"):
+        # a copy of the tree without .git (a GPU node, a tarball): the commit it was copied from,
+        # as declared by whoever copied it; dimezbl_core_sha256 lets a reader check the claim
+        return {"commit": os.environ["DIMEZBL_GIT_COMMIT"], "dirty": None,
+                "commit_source": "DIMEZBL_GIT_COMMIT (no git repository here)"}
+    return {"commit": commit, "dirty": None if commit is None else bool(changes)}
 
 
 _GIT_AT_IMPORT = {**_git_state_now(), "dimezbl_core_sha256": _sha256(Path(__file__).read_bytes())}

@@ -517,3 +517,20 @@ def test_generate_md17_command_line(tmp_path):
     assert dc.read_md17_npz(tmp_path / "md17" / "generated" / "ethanol.npz")["E"].shape == (2,)
     with pytest.raises(SystemExit):
         dc.generate_md17_main(["--all", "--out", str(tmp_path / "x.npz")])
+
+
+def test_without_qm9pack_a_verified_cache_is_used_and_a_corrupt_one_named(qm9, qm9_dir, tmp_path, monkeypatch,
+                                                                         caplog):
+    # a machine without qm9pack (a GPU node) uses a cache copied from elsewhere, verified as usual
+    for name in (dc.QM9_CACHE_FILE, dc.QM9_CACHE_FILE.replace(".pt", ".json")):
+        shutil.copy(qm9_dir / name, tmp_path / name)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(dc.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "qm9pack" else real_find_spec(name, *args))
+    with caplog.at_level(logging.WARNING, logger="dimezbl.data"):
+        copied = dc.load_qm9(tmp_path)
+    assert torch.equal(copied.y, qm9.y) and len(copied) == dc.QM9_NUM_MOLECULES
+    assert any("qm9pack is not installed" in record.getMessage() for record in caplog.records)
+    _corrupt_truncate(tmp_path / dc.QM9_CACHE_FILE)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install qm9pack.*copy a QM9 cache.*truncated"):
+        dc.load_qm9(tmp_path)

@@ -245,6 +245,19 @@ def test_provenance_records_the_code_as_imported():
     assert dc.git_state()["commit"] != "changed by the caller"  # callers get a copy
 
 
+def test_a_tree_without_git_records_a_declared_commit_as_declared(tmp_path, monkeypatch):
+    """A copy of the tree without .git (a GPU node): commit unknown, unless DIMEZBL_GIT_COMMIT says
+    which commit it was copied from, and then the record says where the commit came from."""
+    monkeypatch.setattr(dc, "REPOSITORY_ROOT", tmp_path)  # no repository here
+    monkeypatch.delenv("DIMEZBL_GIT_COMMIT", raising=False)
+    assert dc._git_state_now() == {"commit": None, "dirty": None}
+    monkeypatch.setenv("DIMEZBL_GIT_COMMIT", "0123abc")
+    state = dc._git_state_now()
+    assert state["commit"] == "0123abc" and state["dirty"] is None and "DIMEZBL_GIT_COMMIT" in state["commit_source"]
+    monkeypatch.setattr(dc, "REPOSITORY_ROOT", dc.Path(dc.__file__).resolve().parent)  # a real repository wins
+    assert dc._git_state_now()["commit"] != "0123abc"
+
+
 def test_run_models_command_line_trains_seed_by_seed_and_reuses(tmp_path, capsys, keep_torch_threads):
     """`run-models` (the training of notebooks 03/04 from the shell): both models of a seed before
     the next seed, every run written; a second call trains nothing."""
