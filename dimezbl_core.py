@@ -2356,6 +2356,11 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known: {sorted(known)}")
+        model_fields = set(inspect.signature(DimezblNet.__init__).parameters) - {"self"}
+        wrong = sorted(set(values.get("model") or {}) - model_fields)
+        if wrong:  # a misspelt `--set model.NAME=...` fails here, before any data is loaded
+            raise ValueError(f"unknown model fields {wrong} (DimezblNet keyword arguments); "
+                             f"known: {sorted(model_fields)}")
         return cls(**values)
 
 

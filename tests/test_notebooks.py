@@ -429,3 +429,46 @@ def test_readme_shows_the_committed_tables():
         assert shown == committed and len(shown) > 10, f"README's {basename} differs from results/tables"
         checked += 1
     assert checked == 2
+
+
+def _shown_matches(shown: str, value: float) -> bool:
+    """A number as the README prints it ("92.8", "+116", "0.185") equals value rounded to its digits."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown) - value) <= 0.5 * 10 ** -decimals * (1 + 1e-9)
+
+
+def test_readme_cpu_summary_rows_come_from_the_committed_cpu_tables():
+    """The hand-written cpu summary of README.md (mean ± std, change and interval per row) equals
+    results/cpu/tables/*.csv to the digits shown, and its run count equals the committed runs."""
+    import re
+
+    readme = (dc.REPOSITORY_ROOT / "README.md").read_text()
+    section = readme.split("## Results (cpu profile")[1].split("\n## ")[0]
+    tables = dc.REPOSITORY_ROOT / "results" / "cpu" / "tables"
+    qm9 = pd.read_csv(tables / "table1_qm9.csv", comment="#").set_index("Target")
+    md17 = pd.read_csv(tables / "table2_md17.csv", comment="#").set_index(["Molecule", "Quantity"])
+    number = r"([+-]?\d+(?:\.\d+)?)"
+    row_pattern = re.compile(rf"^\| (.+?), (\d) seeds \| {number} ± {number} \| {number} ± {number} \| "
+                             rf"{number}% \[{number}%, {number}%\] \|$")
+    checked = 0
+    for line in section.splitlines():
+        match = row_pattern.match(line)
+        if not match:
+            continue
+        label, seeds, *shown = match.groups()
+        words = label.split(" (")[0].split()
+        if words[0] == "QM9":
+            row = qm9.loc[words[1]]
+        else:
+            row = md17.loc[(words[0].capitalize(), words[1].capitalize())]
+        true = [row["DimeNet (this run)"], row["DimeNet (this run) std"], row["DimezblNet (this run)"],
+                row["DimezblNet (this run) std"], row["Change (this run, %)"],
+                row["Change 95% low (this run, %)"], row["Change 95% high (this run, %)"]]
+        for text, value in zip(shown, true):
+            assert _shown_matches(text, value), f"README cpu row {label!r}: {text} but the table has {value:.4g}"
+        assert len(str(row["DimeNet (this run) seeds"]).split()) == int(seeds), label
+        checked += 1
+    assert checked >= 10, f"only {checked} cpu summary rows found in README.md"
+    finished = len(list((dc.REPOSITORY_ROOT / "results" / "cpu" / "runs" / "cpu").glob("*/*/*/metrics.json")))
+    claimed = re.search(r"(\d+) of the 120 runs", section)
+    assert claimed and int(claimed.group(1)) == finished, f"README says {claimed and claimed.group(0)}, {finished} are committed"

@@ -76,6 +76,8 @@ def test_model_dot_overrides_change_one_field_of_the_profiles_model():
     both = dc.profile_config("cpu", "md17", "ethanol", **{"model": {"num_blocks": 2}, "model.zbl_reach": "lammps"})
     assert both.model == {"num_blocks": 2, "zbl_reach": "lammps"}
     assert dc.profile_config("cpu", "md17", "ethanol").model == dc.CPU_MODEL  # the profile is not modified
+    with pytest.raises(ValueError, match=r"unknown model fields \['zbl_rech'\].*zbl_reach"):
+        dc.profile_config("cpu", "md17", "ethanol", **dc.parse_set_arguments(["model.zbl_rech=covalent"]))
 
 
 def test_smoke_qm9_run_learns(tmp_path):
