@@ -1,0 +1,59 @@
+"""CUDA paths (skipped where there is no GPU, as in CI): the same model on the CPU and on CUDA gives the
+same energies and forces, and the training steps (energy with and without bf16 autocast, forces with
+create_graph) run and stay finite. Run on a lent NVIDIA H200 in session 6 (as .gpu/check.py, the same
+checks): |dE| 6e-12, |dF| 8e-10 in float64.
+"""
+import pytest
+import torch
+
+import dimezbl_core as dc
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def _batch(molecules):
+    z = torch.cat([m["z"] for m in molecules])
+    pos = torch.cat([m["pos"] for m in molecules]).double()
+    batch = torch.cat([torch.full((m["z"].numel(),), k) for k, m in enumerate(molecules)])
+    return z, pos, batch
+
+
+@pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
+@pytest.mark.parametrize("zbl", [False, True])
+def test_cpu_and_cuda_give_the_same_energies_and_forces(qm9_sample_molecules, variant, zbl):
+    torch.manual_seed(0)
+    z, pos, batch = _batch(qm9_sample_molecules)
+    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant=variant, zbl=zbl).double()
+    with torch.no_grad():  # non-zero output layers, so that the forces are not trivially zero
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        energy, forces = model.energy_and_forces(z.to(device), pos.to(device), batch.to(device))
+        results[device] = (energy.detach().cpu(), forces.cpu())
+    scale = results["cpu"][1].abs().max()
+    assert scale > 0
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-8, atol=1e-8 * float(scale))
+
+
+def test_cuda_training_steps_run_and_stay_finite(qm9_sample_molecules):
+    torch.manual_seed(0)
+    z, pos, batch = (t.cuda() for t in _batch(qm9_sample_molecules))
+    pos = pos.float()
+    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, zbl=True).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    for need_forces, amp in ((False, False), (False, True), (True, False)):
+        x = pos.clone().requires_grad_(need_forces)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            energy = model(z, x, batch)
+        loss = energy.float().abs().mean()
+        if need_forces:
+            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
+            loss = loss + grad.abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
