@@ -8,15 +8,14 @@ import pytest
 import torch
 
 import dimezbl_core as dc
+from test_pyg_equivalence import concat
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
 def _batch(molecules):
-    z = torch.cat([m["z"] for m in molecules])
-    pos = torch.cat([m["pos"] for m in molecules]).double()
-    batch = torch.cat([torch.full((m["z"].numel(),), k) for k, m in enumerate(molecules)])
-    return z, pos, batch
+    z, pos, batch = concat(molecules)  # the equivalence tests' batching, positions in float64
+    return z, pos.double(), batch
 
 
 @pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
