@@ -216,7 +216,7 @@ class TripletPlan:
 
         def layout(rows: Tensor, cols: Tensor, row_blocks: bool):
             """Positions in CSR order of the T*B values s.reshape(-1) for rows (x B if row_blocks)."""
-            order = torch.argsort(rows * num_edges + cols)  # rows, then columns ascending
+            order = torch.argsort(rows * num_edges + cols, stable=True)  # rows, then columns ascending
             rank = torch.empty_like(order)
             rank[order] = torch.arange(num_triplets, device=device)
             counts = torch.bincount(rows, minlength=num_edges)
@@ -232,35 +232,62 @@ class TripletPlan:
             crow[1:] = torch.cumsum(crow_counts, 0)
             return position.reshape(-1), crow
 
+        def permutation(flat_position: Tensor) -> Optional[Tensor]:
+            """CSR value k is s.reshape(-1)[order[k]]; None where that is the identity (the
+            triplets already in the matrix's CSR order): the values are then s itself, no copy."""
+            identity = torch.arange(flat_position.numel(), device=device)
+            if torch.equal(flat_position, identity):
+                return None
+            order = torch.empty_like(flat_position)
+            order[flat_position] = identity
+            return order
+
         flat_position, self.crow = layout(idx_ji, idx_kj, row_blocks=True)
         self.col = torch.empty_like(flat_position)
         self.col[flat_position] = idx_kj.repeat_interleave(b)
-        self.order = torch.empty_like(flat_position)  # CSR value k is s.reshape(-1)[order[k]]
-        self.order[flat_position] = torch.arange(flat_position.numel(), device=device)
+        self.order = permutation(flat_position)
         flat_position_t, self.crow_t = layout(idx_kj, idx_ji, row_blocks=False)
         self.col_t = torch.empty_like(flat_position_t)
         self.col_t[flat_position_t] = (idx_ji[:, None] * b + weight[None, :]).reshape(-1)
-        self.order_t = torch.empty_like(flat_position_t)
-        self.order_t[flat_position_t] = torch.arange(flat_position_t.numel(), device=device)
+        self.order_t = permutation(flat_position_t)
+
+    @classmethod
+    def transposed(cls, idx_kj: Tensor, idx_ji: Tensor, num_edges: int, num_weights: int) -> "TripletPlan":
+        """The plan of `triplet_contract`: the roles of kj and ji swapped."""
+        return cls(idx_ji, idx_kj, num_edges, num_weights)
 
     def matrix(self, values: Tensor, transpose: bool = False) -> Tensor:
         """M(values) [E*B, E] in CSR, or its transpose [E, E*B]; values [T, B]."""
         flat = values.reshape(-1)
         n, nb = self.num_edges, self.num_edges * self.num_weights
         if transpose:
-            return torch.sparse_csr_tensor(self.crow_t, self.col_t, flat[self.order_t], (n, nb),
-                                           check_invariants=False)
-        return torch.sparse_csr_tensor(self.crow, self.col, flat[self.order], (nb, n),
+            return torch.sparse_csr_tensor(self.crow_t, self.col_t, _permuted(flat, self.order_t),
+                                           (n, nb), check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow, self.col, _permuted(flat, self.order), (nb, n),
                                        check_invariants=False)
 
     def sampled(self, y: Tensor, x: Tensor) -> Tensor:
-        """out[t, b] = <y[ji(t) * B + b, :], x[kj(t), :]> for y [E*B, H], x [E, H]: [T, B]."""
+        """out[t, b] = <y[ji(t) * B + b, :], x[kj(t), :]> for y [E*B, H], x [E, H]: [T, B].
+
+        Evaluated on the pattern of M^T where its values are in triplet order (no permutation
+        of the result), else on the pattern of M."""
+        if self.order_t is None and self.order is not None:
+            pattern = torch.sparse_csr_tensor(self.crow_t, self.col_t, x.new_zeros(self.col_t.numel()),
+                                              (x.size(0), y.size(0)), check_invariants=False)
+            values = torch.sparse.sampled_addmm(pattern, x.contiguous(), y.t(), beta=0.0).values()
+            return values.view(self.num_triplets, self.num_weights)
         pattern = torch.sparse_csr_tensor(self.crow, self.col, y.new_zeros(self.col.numel()),
                                           (y.size(0), x.size(0)), check_invariants=False)
         values = torch.sparse.sampled_addmm(pattern, y.contiguous(), x.t(), beta=0.0).values()
-        out = torch.empty_like(values)
-        out[self.order] = values
-        return out.view(self.num_triplets, self.num_weights)
+        if self.order is not None:
+            out = torch.empty_like(values)
+            out[self.order] = values
+            values = out
+        return values.view(self.num_triplets, self.num_weights)
+
+
+def _permuted(flat: Tensor, order: Optional[Tensor]) -> Tensor:
+    return flat if order is None else flat[order]
 
 
 def _sparse_mm(plan: TripletPlan, values: Tensor, dense: Tensor, transpose: bool) -> Tensor:
@@ -310,6 +337,21 @@ class _SparseProduct(torch.autograd.Function):
         }[ctx.kind]
         return tuple(f() if needed else None
                      for f, needed in zip(gradients, ctx.needs_input_grad[:2])) + (None, None)
+
+
+def triplet_contract(plan: TripletPlan, y: Tensor, g: Tensor) -> Tensor:
+    """out[e, :] = sum_{t : ji(t) = e} sum_l y[t, l] g[kj(t), l, :]: [E, H] for y [T, L],
+    g [E, L, H], with `plan` = TripletPlan.transposed(idx_kj, idx_ji, E, L).
+
+    That is M'(y)^T @ g.reshape(E * L, H), the "transpose" product of a plan whose roles of kj
+    and ji are swapped (its M'^T has rows ji and columns kj * L + l). For triplets sorted by
+    (ji, kj), as `triplets` gives them, the values of M'^T are y itself (no permutation), and
+    so is the result of the sampled product of its backward. Differentiable to any order, as
+    `triplet_aggregate`. Cost: T x L x H multiply-adds, no [T, H] tensor.
+    """
+    dtype = torch.promote_types(y.dtype, g.dtype)
+    flat = g.to(dtype).reshape(plan.num_edges * plan.num_weights, g.size(-1))
+    return _SparseProduct.apply(y.to(dtype), flat, plan, "transpose")
 
 
 def triplet_aggregate(plan: TripletPlan, s: Tensor, x: Tensor) -> Tensor:
@@ -910,12 +952,17 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
             [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
         )
 
-    def edge_inputs(self, x: Tensor, rbf: Tensor, sbf: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def edge_features(self, x: Tensor, rbf: Tensor) -> Tuple[Tensor, Tensor]:
         """x_ji = act(h W_ji) [E, H], x_kj = act((e_RBF W_rbf1 W_rbf2 (.) act(h W_kj)) W_down)
-        [E, int_emb], and the triplet weights s = a_SBF W_sbf1 [T, basis_emb]."""
+        [E, int_emb]."""
         x_ji = self.act(self.lin_ji(x))
         x_kj = self.act(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))
-        return x_ji, self.act(self.lin_down(x_kj)), self.lin_sbf1(sbf)
+        return x_ji, self.act(self.lin_down(x_kj))
+
+    def edge_inputs(self, x: Tensor, rbf: Tensor, sbf: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """`edge_features` and the triplet weights s = a_SBF W_sbf1 [T, basis_emb]."""
+        x_ji, x_kj = self.edge_features(x, rbf)
+        return x_ji, x_kj, self.lin_sbf1(sbf)
 
     def update(self, x: Tensor, x_ji: Tensor, aggregated: Tensor) -> Tensor:
         """The messages sum_b W_sbf2[c, b] A[ji, b, c] for A [E, basis_emb, int_emb] (the sum over
@@ -932,6 +979,32 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
             plan = TripletPlan(idx_kj, idx_ji, x.size(0), self.lin_sbf1.out_features)
         x_ji, x_kj, s = self.edge_inputs(x, rbf, sbf)
         return self.update(x, x_ji, triplet_aggregate(plan, s, x_kj))
+
+    def sbf_per_edge(self, radial: Tensor) -> Tensor:
+        """q[e, l, c] = sum_n radial[e, l, n] (W_sbf1^T W_sbf2^T)[(l, n), c]: [E, L, int_emb]
+        from the SBF's radial part [E, L, R] (one matrix product with the block-diagonal
+        arrangement of the two SBF layers' product, so q comes out in the layout the triplet
+        contraction reads)."""
+        num_edges, num_spherical, num_radial = radial.shape
+        w = (self.lin_sbf2.weight @ self.lin_sbf1.weight).t()  # [L * R, C]
+        w = w.reshape(num_spherical, num_radial, -1)
+        q = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w.unbind(0))
+        return q.view(num_edges, num_spherical, -1)
+
+    @torch.jit.unused
+    def factored(self, x: Tensor, rbf: Tensor, radial: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
+        """`forward` with the SBF in its factored form a[t, (l, n)] = radial[kj(t), l, n]
+        angular[t, l] (what `DimezblNet` uses). The messages of PyG's DimeNet++,
+
+            m[ji, c] = sum_k x_kj[kj, c] sum_b W_sbf2[c, b] sum_(l,n) W_sbf1[b, (l, n)] a[t, (l, n)],
+
+        regrouped as sum_k sum_l angular[t, l] (x_kj[kj, c] q[kj, l, c]) with q = `sbf_per_edge`:
+        the SBF layers act per edge (E x 42 x 7 x 64, no [T, 42] basis and no [T, 8] or [T, 64]
+        weights), and the triplet sum is one sparse product with L = 7 weights per triplet
+        (`triplet_contract`, plan from `TripletPlan.transposed`), giving [E, int_emb] directly."""
+        x_ji, x_kj = self.edge_features(x, rbf)
+        g = self.sbf_per_edge(radial) * x_kj.unsqueeze(1)  # [E, L, C]
+        return self.residual_stack(x_ji + self.act(self.lin_up(triplet_contract(plan, angular, g))), x)
 
 
 class OutputBlock(nn.Module):
@@ -1044,7 +1117,9 @@ class DimezblNet(nn.Module):
             zbl_outer_a=zbl_outer_a, zbl_learnable_scale=zbl_learnable_scale,
         )  # fmt: skip
         self.cutoff, self.variant, self.out_channels = cutoff, variant, out_channels
-        self.triplet_weights = basis_emb_size if variant == "dimenet++" else num_bilinear
+        # weights per triplet of the sparse triplet sum: DimeNet's bilinear weights s = a_SBF W_sbf,
+        # DimeNet++'s angular part of the SBF (InteractionPPBlock.factored)
+        self.triplet_weights = num_spherical if variant == "dimenet++" else num_bilinear
         act = swish  # F.silu with analytic derivatives
         self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
         self.sbf = SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
@@ -1156,13 +1231,21 @@ class DimezblNet(nn.Module):
         else:  # DimeNet++: angle between R_i - R_j and R_j - R_k
             cos_angle = (vec[idx_ji] * vec[idx_kj]).sum(-1) / (dist[idx_ji] * dist[idx_kj])
         rbf = self.rbf(dist)  # [E, num_radial]
-        sbf = self.sbf.combine(self.sbf.radial(dist), self.sbf.angular(cos_angle), idx_kj)
+        radial, angular = self.sbf.radial(dist), self.sbf.angular(cos_angle)  # [E, L, R], [T, L]
         x = self.emb(z, rbf, i, j)  # [E, H]
         with torch.no_grad():  # the sparse layout of the triplet sums, shared by all blocks
-            plan = TripletPlan(idx_kj, idx_ji, dist.numel(), self.triplet_weights)
+            if self.variant == "dimenet++":  # the SBF stays factored (InteractionPPBlock.factored)
+                plan = TripletPlan.transposed(idx_kj, idx_ji, dist.numel(), self.triplet_weights)
+            else:
+                plan = TripletPlan(idx_kj, idx_ji, dist.numel(), self.triplet_weights)
+        if self.variant == "dimenet":
+            sbf = self.sbf.combine(radial, angular, idx_kj)  # [T, L * R]
         out = self.output_blocks[0](x, rbf, i, num_atoms)
         for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):
-            x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
+            if self.variant == "dimenet++":
+                x = interaction.factored(x, rbf, radial, angular, plan)
+            else:
+                x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
             out = out + output(x, rbf, i, num_atoms)
         if self.zbl is not None:
             out = out + self.zbl(z, edge_index, dist).unsqueeze(-1)

@@ -113,6 +113,54 @@ def test_triplet_aggregate_is_twice_and_thrice_differentiable():
     assert torch.autograd.gradgradcheck(gradient_norms, (s, x))
 
 
+@pytest.mark.parametrize("sort_by_target", [True, False])
+def test_triplet_contract_equals_per_triplet_sum(sort_by_target):
+    """out[ji] = sum_k sum_l y[t, l] g[kj, l, :], for triplets in `triplets`' order (the plan's values
+    are then y itself, no permutation) and in any order."""
+    num_edges, num_weights, hidden = 9, 3, 5
+    idx_kj, idx_ji = _random_triplet_indices(num_edges, sort_by_target=sort_by_target)
+    if sort_by_target:  # (ji, kj) ascending, as `triplets` returns them
+        order = torch.argsort(idx_ji * num_edges + idx_kj, stable=True)
+        idx_kj, idx_ji = idx_kj[order], idx_ji[order]
+    g_ = torch.Generator().manual_seed(10)
+    y = torch.randn(idx_kj.numel(), num_weights, generator=g_, dtype=torch.float64)
+    g = torch.randn(num_edges, num_weights, hidden, generator=g_, dtype=torch.float64)
+    plan = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_weights)
+    assert (plan.order_t is None) == sort_by_target
+    reference = torch.zeros(num_edges, hidden, dtype=torch.float64)
+    for t in range(idx_kj.numel()):
+        reference[idx_ji[t]] += (y[t, :, None] * g[idx_kj[t]]).sum(0)
+    torch.testing.assert_close(dc.triplet_contract(plan, y, g), reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sort_by_target", [True, False])
+def test_triplet_contract_is_twice_and_thrice_differentiable(sort_by_target):
+    """Both sampled-product paths (on the transposed pattern when its values are in triplet order, on
+    the plain pattern otherwise) and every backward, against finite differences to third order."""
+    num_edges, num_weights, hidden = 6, 2, 3
+    idx_kj, idx_ji = _random_triplet_indices(num_edges, num_triplets=15, seed=11, sort_by_target=sort_by_target)
+    if sort_by_target:
+        order = torch.argsort(idx_ji * num_edges + idx_kj, stable=True)
+        idx_kj, idx_ji = idx_kj[order], idx_ji[order]
+    plan = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_weights)
+    g_ = torch.Generator().manual_seed(12)
+    y = torch.randn(idx_kj.numel(), num_weights, generator=g_, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(num_edges, num_weights, hidden, generator=g_, dtype=torch.float64, requires_grad=True)
+
+    def contract(y, g):
+        return dc.triplet_contract(plan, y, g)
+
+    assert torch.autograd.gradcheck(contract, (y, g))
+    assert torch.autograd.gradgradcheck(contract, (y, g))
+
+    def gradient_norms(y, g):
+        out = contract(y, g)
+        grad_y, grad_g = torch.autograd.grad((out**2).sum(), (y, g), create_graph=True)
+        return (grad_y**2).sum() + (grad_g**3).sum()
+
+    assert torch.autograd.gradgradcheck(gradient_norms, (y, g))
+
+
 def test_spherical_bessel_own_order_equals_all_orders_diagonal():
     g = torch.Generator().manual_seed(8)
     x = torch.rand(300, 7, 6, generator=g, dtype=torch.float64) * 14.0
@@ -148,6 +196,15 @@ def test_interaction_pp_block_equals_per_triplet_formula():
     torch.testing.assert_close(out, _residual_stack(block, h, x), rtol=1e-12, atol=1e-12)
     # without a plan the block builds its own: same numbers
     torch.testing.assert_close(block(x, rbf, sbf, idx_kj, idx_ji), out, rtol=0, atol=0)
+
+    # the factored path (what DimezblNet runs): the SBF as radial [E, L, R] per edge and angular [T, L]
+    radial = torch.randn(num_edges, num_spherical, num_radial, dtype=torch.float64)
+    angular = torch.randn(num_triplets, num_spherical, dtype=torch.float64)
+    sbf = dc.SphericalBasisLayer(num_spherical, num_radial).combine(radial, angular, idx_kj)
+    transposed = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_spherical)
+    assert transposed.order_t is None  # `triplets` order: the plan's values are the angular part itself
+    torch.testing.assert_close(block.factored(x, rbf, radial, angular, transposed),
+                               block(x, rbf, sbf, idx_kj, idx_ji, plan), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
