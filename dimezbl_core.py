@@ -215,41 +215,45 @@ class TripletPlan:
         weight = torch.arange(b, device=device)
 
         def layout(rows: Tensor, cols: Tensor, row_blocks: bool):
-            """Positions in CSR order of the T*B values s.reshape(-1) for rows (x B if row_blocks)."""
-            order = torch.argsort(rows * num_edges + cols, stable=True)  # rows, then columns ascending
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(num_triplets, device=device)
+            """Positions in CSR order of the T*B values s.reshape(-1) for rows (x B if row_blocks),
+            None where they are in CSR order already (the triplets sorted by (row, column) and
+            one weight per row block, or no row blocks)."""
+            key = rows * num_edges + cols
+            in_order = bool((key[1:] >= key[:-1]).all())  # e.g. rows ji of `triplets`' output
             counts = torch.bincount(rows, minlength=num_edges)
-            start = torch.cumsum(counts, 0) - counts  # first rank of each row
-            if row_blocks:  # row (r, b) holds the row r's triplets in order: start*B + b*count + local
-                local = rank - start[rows]
-                position = (start[rows] * b + local)[:, None] + weight[None, :] * counts[rows][:, None]
-                crow_counts = counts.repeat_interleave(b)
-            else:  # row r holds its triplets in order, each with its B columns (c*B + b) ascending
-                position = rank[:, None] * b + weight[None, :]
-                crow_counts = counts * b
+            crow_counts = counts.repeat_interleave(b) if row_blocks else counts * b
             crow = torch.zeros(crow_counts.numel() + 1, dtype=torch.long, device=device)
             crow[1:] = torch.cumsum(crow_counts, 0)
+            if in_order and not (row_blocks and b > 1):
+                return None, crow
+            if in_order:
+                rank = torch.arange(num_triplets, device=device)
+            else:
+                order = torch.argsort(key, stable=True)  # rows, then columns ascending
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(num_triplets, device=device)
+            if row_blocks:  # row (r, b) holds the row r's triplets in order: start*B + b*count + local
+                start = torch.cumsum(counts, 0) - counts  # first rank of each row
+                local = rank - start[rows]
+                position = (start[rows] * b + local)[:, None] + weight[None, :] * counts[rows][:, None]
+            else:  # row r holds its triplets in order, each with its B columns (c*B + b) ascending
+                position = rank[:, None] * b + weight[None, :]
             return position.reshape(-1), crow
 
-        def permutation(flat_position: Tensor) -> Optional[Tensor]:
-            """CSR value k is s.reshape(-1)[order[k]]; None where that is the identity (the
-            triplets already in the matrix's CSR order): the values are then s itself, no copy."""
-            identity = torch.arange(flat_position.numel(), device=device)
-            if torch.equal(flat_position, identity):
-                return None
-            order = torch.empty_like(flat_position)
-            order[flat_position] = identity
-            return order
+        def place(flat_position: Optional[Tensor], values: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+            """(values in CSR order, the permutation: CSR value k is s.reshape(-1)[order[k]], None
+            for the identity, where the values of the matrix are s itself, no copy)."""
+            if flat_position is None:
+                return values, None
+            placed, order = torch.empty_like(values), torch.empty_like(flat_position)
+            placed[flat_position] = values
+            order[flat_position] = torch.arange(flat_position.numel(), device=device)
+            return placed, order
 
         flat_position, self.crow = layout(idx_ji, idx_kj, row_blocks=True)
-        self.col = torch.empty_like(flat_position)
-        self.col[flat_position] = idx_kj.repeat_interleave(b)
-        self.order = permutation(flat_position)
+        self.col, self.order = place(flat_position, idx_kj.repeat_interleave(b))
         flat_position_t, self.crow_t = layout(idx_kj, idx_ji, row_blocks=False)
-        self.col_t = torch.empty_like(flat_position_t)
-        self.col_t[flat_position_t] = (idx_ji[:, None] * b + weight[None, :]).reshape(-1)
-        self.order_t = permutation(flat_position_t)
+        self.col_t, self.order_t = place(flat_position_t, (idx_ji[:, None] * b + weight[None, :]).reshape(-1))
 
     @classmethod
     def transposed(cls, idx_kj: Tensor, idx_ji: Tensor, num_edges: int, num_weights: int) -> "TripletPlan":
@@ -980,30 +984,34 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         x_ji, x_kj, s = self.edge_inputs(x, rbf, sbf)
         return self.update(x, x_ji, triplet_aggregate(plan, s, x_kj))
 
+    def sbf_weight(self, num_spherical: int) -> Tensor:
+        """W_sbf1^T W_sbf2^T [(l, n), c] arranged block-diagonally, [L * R, L * int_emb]: the
+        matrix that maps the SBF's radial part [E, L * R] to q [E, L * int_emb] (`sbf_per_edge`)."""
+        w = (self.lin_sbf2.weight @ self.lin_sbf1.weight).t()  # [L * R, C]
+        return torch.block_diag(*w.reshape(num_spherical, w.size(0) // num_spherical, -1).unbind(0))
+
     def sbf_per_edge(self, radial: Tensor) -> Tensor:
         """q[e, l, c] = sum_n radial[e, l, n] (W_sbf1^T W_sbf2^T)[(l, n), c]: [E, L, int_emb]
-        from the SBF's radial part [E, L, R] (one matrix product with the block-diagonal
-        arrangement of the two SBF layers' product, so q comes out in the layout the triplet
-        contraction reads)."""
+        from the SBF's radial part [E, L, R], one matrix product (`sbf_weight`) whose result is
+        in the layout the triplet contraction reads."""
         num_edges, num_spherical, num_radial = radial.shape
-        w = (self.lin_sbf2.weight @ self.lin_sbf1.weight).t()  # [L * R, C]
-        w = w.reshape(num_spherical, num_radial, -1)
-        q = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w.unbind(0))
+        q = radial.reshape(num_edges, num_spherical * num_radial) @ self.sbf_weight(num_spherical)
         return q.view(num_edges, num_spherical, -1)
 
     @torch.jit.unused
-    def factored(self, x: Tensor, rbf: Tensor, radial: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
+    def factored(self, x: Tensor, rbf: Tensor, q: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
         """`forward` with the SBF in its factored form a[t, (l, n)] = radial[kj(t), l, n]
-        angular[t, l] (what `DimezblNet` uses). The messages of PyG's DimeNet++,
+        angular[t, l] (what `DimezblNet` uses), given q = `sbf_per_edge(radial)` [E, L, int_emb].
+        The messages of PyG's DimeNet++,
 
             m[ji, c] = sum_k x_kj[kj, c] sum_b W_sbf2[c, b] sum_(l,n) W_sbf1[b, (l, n)] a[t, (l, n)],
 
-        regrouped as sum_k sum_l angular[t, l] (x_kj[kj, c] q[kj, l, c]) with q = `sbf_per_edge`:
-        the SBF layers act per edge (E x 42 x 7 x 64, no [T, 42] basis and no [T, 8] or [T, 64]
-        weights), and the triplet sum is one sparse product with L = 7 weights per triplet
-        (`triplet_contract`, plan from `TripletPlan.transposed`), giving [E, int_emb] directly."""
+        regrouped as sum_k sum_l angular[t, l] (x_kj[kj, c] q[kj, l, c]): the SBF layers act per
+        edge (no [T, 42] basis and no [T, 8] or [T, 64] weights), and the triplet sum is one
+        sparse product with L = 7 weights per triplet (`triplet_contract`, plan from
+        `TripletPlan.transposed`), giving [E, int_emb] directly."""
         x_ji, x_kj = self.edge_features(x, rbf)
-        g = self.sbf_per_edge(radial) * x_kj.unsqueeze(1)  # [E, L, C]
+        g = q * x_kj.unsqueeze(1)  # [E, L, C]
         return self.residual_stack(x_ji + self.act(self.lin_up(triplet_contract(plan, angular, g))), x)
 
 
@@ -1243,7 +1251,7 @@ class DimezblNet(nn.Module):
         out = self.output_blocks[0](x, rbf, i, num_atoms)
         for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):
             if self.variant == "dimenet++":
-                x = interaction.factored(x, rbf, radial, angular, plan)
+                x = interaction.factored(x, rbf, interaction.sbf_per_edge(radial), angular, plan)
             else:
                 x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
             out = out + output(x, rbf, i, num_atoms)
