@@ -1241,16 +1241,14 @@ class DimezblNet(nn.Module):
         rbf = self.rbf(dist)  # [E, num_radial]
         radial, angular = self.sbf.radial(dist), self.sbf.angular(cos_angle)  # [E, L, R], [T, L]
         x = self.emb(z, rbf, i, j)  # [E, H]
+        plus = self.variant == "dimenet++"  # DimeNet++ keeps the SBF factored (InteractionPPBlock.factored)
         with torch.no_grad():  # the sparse layout of the triplet sums, shared by all blocks
-            if self.variant == "dimenet++":  # the SBF stays factored (InteractionPPBlock.factored)
-                plan = TripletPlan.transposed(idx_kj, idx_ji, dist.numel(), self.triplet_weights)
-            else:
-                plan = TripletPlan(idx_kj, idx_ji, dist.numel(), self.triplet_weights)
-        if self.variant == "dimenet":
-            sbf = self.sbf.combine(radial, angular, idx_kj)  # [T, L * R]
+            plan = (TripletPlan.transposed if plus else TripletPlan)(idx_kj, idx_ji, dist.numel(),
+                                                                     self.triplet_weights)
+        sbf = None if plus else self.sbf.combine(radial, angular, idx_kj)  # [T, L * R]
         out = self.output_blocks[0](x, rbf, i, num_atoms)
         for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):
-            if self.variant == "dimenet++":
+            if plus:
                 x = interaction.factored(x, rbf, interaction.sbf_per_edge(radial), angular, plan)
             else:
                 x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
