@@ -275,14 +275,15 @@ class TripletPlan:
 
         Evaluated on the pattern of M^T where its values are in triplet order (no permutation
         of the result), else on the pattern of M."""
+        def on_pattern(crow: Tensor, col: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+            """<rows[r], columns[c]> at the nonzeros (r, c) of the CSR pattern, in CSR order."""
+            pattern = torch.sparse_csr_tensor(crow, col, rows.new_zeros(col.numel()),
+                                              (rows.size(0), columns.size(0)), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, rows.contiguous(), columns.t(), beta=0.0).values()
+
         if self.order_t is None and self.order is not None:
-            pattern = torch.sparse_csr_tensor(self.crow_t, self.col_t, x.new_zeros(self.col_t.numel()),
-                                              (x.size(0), y.size(0)), check_invariants=False)
-            values = torch.sparse.sampled_addmm(pattern, x.contiguous(), y.t(), beta=0.0).values()
-            return values.view(self.num_triplets, self.num_weights)
-        pattern = torch.sparse_csr_tensor(self.crow, self.col, y.new_zeros(self.col.numel()),
-                                          (y.size(0), x.size(0)), check_invariants=False)
-        values = torch.sparse.sampled_addmm(pattern, y.contiguous(), x.t(), beta=0.0).values()
+            return on_pattern(self.crow_t, self.col_t, x, y).view(self.num_triplets, self.num_weights)
+        values = on_pattern(self.crow, self.col, y, x)
         if self.order is not None:
             out = torch.empty_like(values)
             out[self.order] = values
@@ -999,10 +1000,9 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         return q.view(num_edges, num_spherical, -1)
 
     @torch.jit.unused
-    def factored(self, x: Tensor, rbf: Tensor, q: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
+    def factored(self, x: Tensor, rbf: Tensor, radial: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
         """`forward` with the SBF in its factored form a[t, (l, n)] = radial[kj(t), l, n]
-        angular[t, l] (what `DimezblNet` uses), given q = `sbf_per_edge(radial)` [E, L, int_emb].
-        The messages of PyG's DimeNet++,
+        angular[t, l] (what `DimezblNet` uses; radial [E, L, R], angular [T, L]). The messages of PyG's DimeNet++,
 
             m[ji, c] = sum_k x_kj[kj, c] sum_b W_sbf2[c, b] sum_(l,n) W_sbf1[b, (l, n)] a[t, (l, n)],
 
@@ -1011,7 +1011,7 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         sparse product with L = 7 weights per triplet (`triplet_contract`, plan from
         `TripletPlan.transposed`), giving [E, int_emb] directly."""
         x_ji, x_kj = self.edge_features(x, rbf)
-        g = q * x_kj.unsqueeze(1)  # [E, L, C]
+        g = self.sbf_per_edge(radial) * x_kj.unsqueeze(1)  # [E, L, C]
         return self.residual_stack(x_ji + self.act(self.lin_up(triplet_contract(plan, angular, g))), x)
 
 
@@ -1249,7 +1249,7 @@ class DimezblNet(nn.Module):
         out = self.output_blocks[0](x, rbf, i, num_atoms)
         for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):
             if plus:
-                x = interaction.factored(x, rbf, interaction.sbf_per_edge(radial), angular, plan)
+                x = interaction.factored(x, rbf, radial, angular, plan)
             else:
                 x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
             out = out + output(x, rbf, i, num_atoms)

@@ -203,7 +203,7 @@ def test_interaction_pp_block_equals_per_triplet_formula():
     sbf = dc.SphericalBasisLayer(num_spherical, num_radial).combine(radial, angular, idx_kj)
     transposed = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_spherical)
     assert transposed.order_t is None  # `triplets` order: the plan's values are the angular part itself
-    torch.testing.assert_close(block.factored(x, rbf, block.sbf_per_edge(radial), angular, transposed),
+    torch.testing.assert_close(block.factored(x, rbf, radial, angular, transposed),
                                block(x, rbf, sbf, idx_kj, idx_ji, plan), rtol=1e-12, atol=1e-12)
 
 
