@@ -3851,6 +3851,57 @@ def write_table(table: pd.DataFrame, header_lines: Sequence[str], basename: str,
     return paths
 
 
+def summary_markdown(table1: pd.DataFrame, table2: pd.DataFrame) -> str:
+    """The compact comparison of both tables: one Markdown row per QM9 target and MD17
+    (molecule, quantity) where both models have runs, in the tables' order, with the unit, the
+    seeds, both models' mean ± std, the paired change with its 95% interval, and the paper's
+    change (from its quoted numbers). Every cell is formatted as in `markdown_table`."""
+    header = ["test MAE", "unit", "seeds", "DimeNet (this run)", "DimezblNet (this run)",
+              "change, this run", "change, paper"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for table, label in ((table1, lambda row: f"QM9 {row['Target']}"),
+                         (table2, lambda row: f"{row['Molecule']} {row['Quantity'].lower()}")):
+        for _, row in table.iterrows():
+            if not (np.isfinite(row["DimeNet (this run)"]) and np.isfinite(row["DimezblNet (this run)"])):
+                continue
+            seeds = row["DimeNet (this run) seeds"]
+            if seeds != row["DimezblNet (this run) seeds"]:
+                seeds = f"{seeds} / {row['DimezblNet (this run) seeds']}"
+            cells = [label(row), row["Unit"], seeds,
+                     _format_mae(row["DimeNet (this run)"], row["DimeNet (this run) std"]),
+                     _format_mae(row["DimezblNet (this run)"], row["DimezblNet (this run) std"]),
+                     _format_change(row["Change (this run, %)"], row["Change 95% low (this run, %)"],
+                                    row["Change 95% high (this run, %)"]),
+                     _format_change(row["Change (paper, %)"])]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# README.md shows these committed tables between <!-- name:begin --> and <!-- name:end -->
+README_TABLES = {"table1_qm9": "results/tables/table1_qm9.md", "table2_md17": "results/tables/table2_md17.md",
+                 "cpu_summary": "results/cpu/tables/summary.md"}
+
+
+def readme_with_tables(readme: str, root=None) -> str:
+    """`readme` (README.md's text) with each README_TABLES block replaced by the table rows (the
+    lines starting with "|") of its committed file under `root` (the repository by default).
+    Raises ValueError naming a block whose markers are missing or a file that is missing."""
+    root = Path(root) if root is not None else REPOSITORY_ROOT
+    for name, relative in README_TABLES.items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
+            raise ValueError(f"README lacks one '{begin}' ... '{end}' block: add the two markers where "
+                             f"{relative} should be shown")
+        path = root / relative
+        if not path.exists():
+            raise ValueError(f"{path} is missing: write it with the notebooks (make reproduce, notebook 05)")
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+        head, rest = readme.split(begin)
+        tail = rest.split(end)[1]
+        readme = head + begin + "\n" + "".join(f"{row}\n" for row in rows) + end + tail
+    return readme
+
+
 def read_table(path) -> pd.DataFrame:
     """A table CSV written by `write_table` (header lines skipped; "–" cells stay strings)."""
     return pd.read_csv(path, comment="#", dtype=str, keep_default_na=False)
@@ -3858,11 +3909,16 @@ def read_table(path) -> pd.DataFrame:
 
 def make_tables(profile: str, results_dir=None) -> dict:
     """Build Tables 1 and 2 from the runs of `profile` on disk and write them
-    (results/tables/table1_qm9.* and table2_md17.*). Returns {"table1": df, "table2": df}."""
+    (results/tables/table1_qm9.* and table2_md17.*), and their compact comparison
+    (results/tables/summary.md, `summary_markdown`). Returns {"table1": df, "table2": df}."""
     runs = collect_runs(profile, results_dir=results_dir)
     table1, table2 = build_table1(runs, profile), build_table2(runs, profile)
     write_table(table1, table_header(runs, 1, profile), "table1_qm9", results_dir)
     write_table(table2, table_header(runs, 2, profile), "table2_md17", results_dir)
+    summary = (f"<!-- written by make_tables for profile {profile!r} from table1_qm9.csv and table2_md17.csv "
+               "(their headers give the provenance); negative change = DimezblNet better -->\n\n"
+               + summary_markdown(table1, table2))
+    _atomic_write_bytes(results_path(results_dir, "tables", "summary.md"), summary.encode("utf-8"))
     return {"table1": table1, "table2": table2}
 
 
@@ -5291,7 +5347,7 @@ def shortrange_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,run-models,reproduce} ...`
+    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,run-models,reproduce,readme-tables} ...`
     (see --help)."""
     import argparse
     import sys
@@ -5328,6 +5384,8 @@ def main(argv=None) -> int:
                    "resumable (see its --help)")
     sub.add_parser("reproduce", help="regenerate Tables 1 and 2 and the figures (notebooks 01-05, "
                    "see its --help)")
+    sub.add_parser("readme-tables", help="copy the committed tables (README_TABLES) into README.md's "
+                   "marked blocks, after a rebuild of the tables")
     args = parser.parse_args(argv)
     if args.command == "train":
         config = config_from_arguments(args)
@@ -5343,6 +5401,14 @@ def main(argv=None) -> int:
         metadata = export_model(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {args.out}: energy in {metadata['energy_unit']}, forces in {metadata['forces_unit']}, "
               f"{metadata['dtype']}; training offset {metadata['offset']}")
+    elif args.command == "readme-tables":
+        path = REPOSITORY_ROOT / "README.md"
+        text = path.read_text(encoding="utf-8")
+        updated = readme_with_tables(text)
+        if updated != text:
+            _atomic_write_bytes(path, updated.encode("utf-8"))
+        print(f"{path}: {'updated' if updated != text else 'already up to date'} "
+              f"({', '.join(README_TABLES.values())})")
     return 0
 
 

@@ -263,6 +263,7 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
     for basename in ("table1_qm9", "table2_md17"):
         for suffix in ("csv", "md", "tex"):
             assert (reproduced / "tables" / f"{basename}.{suffix}").exists()
+    assert (reproduced / "tables" / "summary.md").read_text().count("\n| QM9 ") >= 1
     assert not list((reproduced / "tables").glob(".*tmp*"))
 
 
@@ -416,60 +417,62 @@ def test_quoted_cells_of_the_tables_equal_the_paper(reproduced):
 
 
 def test_readme_shows_the_committed_tables():
-    """The tables embedded in README.md are the committed results/tables/*.md, row for row (so that the README
-    never shows numbers that no run produced)."""
+    """The tables embedded in README.md (smoke Tables 1 and 2, the cpu summary) are the committed
+    tables, row for row, so that the README never shows numbers that no run produced
+    (`python dimezbl_core.py readme-tables` copies them after a rebuild)."""
     readme = (dc.REPOSITORY_ROOT / "README.md").read_text()
-    checked = 0
-    for basename in ("table1_qm9", "table2_md17"):
-        begin, end = f"<!-- {basename}:begin -->", f"<!-- {basename}:end -->"
-        assert begin in readme and end in readme, f"README.md lacks the {basename} block"
-        shown = [line for line in readme.split(begin)[1].split(end)[0].splitlines() if line.startswith("|")]
-        committed = [line for line in (dc.REPOSITORY_ROOT / "results" / "tables" / f"{basename}.md").read_text()
-                     .splitlines() if line.startswith("|")]
-        assert shown == committed and len(shown) > 10, f"README's {basename} differs from results/tables"
-        checked += 1
-    assert checked == 2
+    assert dc.readme_with_tables(readme) == readme, "README.md's tables are stale: run python dimezbl_core.py readme-tables"
+    for name in dc.README_TABLES:
+        block = readme.split(f"<!-- {name}:begin -->")[1].split(f"<!-- {name}:end -->")[0]
+        assert len([line for line in block.splitlines() if line.startswith("|")]) > 10, name
 
 
-def _shown_matches(shown: str, value: float) -> bool:
-    """A number as the README prints it ("92.8", "+116", "0.185") equals value rounded to its digits."""
-    decimals = len(shown.split(".")[1]) if "." in shown else 0
-    return abs(float(shown) - value) <= 0.5 * 10 ** -decimals * (1 + 1e-9)
+def test_readme_with_tables_replaces_blocks_and_names_what_is_missing(tmp_path):
+    for name, relative in dc.README_TABLES.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(f"- header\n\n| {name} |\n|---|\n| new |\n")
+    readme = "".join(f"text\n<!-- {n}:begin -->\n| old |\n<!-- {n}:end -->\n" for n in dc.README_TABLES)
+    updated = dc.readme_with_tables(readme, root=tmp_path)
+    assert "| old |" not in updated and "- header" not in updated
+    for name in dc.README_TABLES:
+        assert f"<!-- {name}:begin -->\n| {name} |\n|---|\n| new |\n<!-- {name}:end -->" in updated
+    assert dc.readme_with_tables(updated, root=tmp_path) == updated
+    with pytest.raises(ValueError, match="cpu_summary:begin"):
+        dc.readme_with_tables(readme.replace("<!-- cpu_summary:begin -->", ""), root=tmp_path)
+    (tmp_path / dc.README_TABLES["cpu_summary"]).unlink()
+    with pytest.raises(ValueError, match="summary.md is missing"):
+        dc.readme_with_tables(readme, root=tmp_path)
 
 
-def test_readme_cpu_summary_rows_come_from_the_committed_cpu_tables():
-    """The hand-written cpu summary of README.md (mean ± std, change and interval per row) equals
-    results/cpu/tables/*.csv to the digits shown, and its run count is the tables' (runs committed
-    since the last rebuild of the tables are not counted until the tables are rebuilt)."""
+def test_summary_markdown_has_a_row_per_target_with_both_models():
+    values = {("mu", "dimenet", s): v for s, v in enumerate([0.30, 0.32, 0.31])}
+    values.update({("mu", "dimezblnet", s): v for s, v in enumerate([0.29, 0.33, 0.30])})
+    values[("homo", "dimenet", 0)] = 0.1  # one model only: no row
+    table1 = dc.build_table1(_fake_runs(values), "cpu")
+    table2 = dc.build_table2(_fake_runs({}), "cpu")
+    rows = dc.summary_markdown(table1, table2).splitlines()
+    assert len(rows) == 3 and rows[0].startswith("| test MAE | unit | seeds |")
+    change = dc.relative_change([0.30, 0.32, 0.31], [0.29, 0.33, 0.30])
+    assert rows[2] == (f"| QM9 mu | D | 0 1 2 | 0.31 ± 0.01 | {np.mean([0.29, 0.33, 0.30]):.4g} ± "
+                       f"{np.std([0.29, 0.33, 0.30], ddof=1):.2g} | {change[0]:+.1f}% [{change[1]:+.1f}, "
+                       f"{change[2]:+.1f}] | -4.5% |")
+
+
+def test_readme_cpu_summary_comes_from_the_committed_cpu_tables():
+    """results/cpu/tables/summary.md (which README.md shows) is the summary of the committed cpu
+    tables, and the README's run count is the tables' (runs committed since the last rebuild of
+    the tables are not counted until the tables are rebuilt)."""
     import re
 
     readme = (dc.REPOSITORY_ROOT / "README.md").read_text()
     section = readme.split("## Results (cpu profile")[1].split("\n## ")[0]
     tables = dc.REPOSITORY_ROOT / "results" / "cpu" / "tables"
-    qm9 = pd.read_csv(tables / "table1_qm9.csv", comment="#").set_index("Target")
-    md17 = pd.read_csv(tables / "table2_md17.csv", comment="#").set_index(["Molecule", "Quantity"])
-    number = r"([+-]?\d+(?:\.\d+)?)"
-    row_pattern = re.compile(rf"^\| (.+?), (\d) seeds \| {number} ± {number} \| {number} ± {number} \| "
-                             rf"{number}% \[{number}%, {number}%\] \|$")
-    checked = 0
-    for line in section.splitlines():
-        match = row_pattern.match(line)
-        if not match:
-            continue
-        label, seeds, *shown = match.groups()
-        words = label.split(" (")[0].split()
-        if words[0] == "QM9":
-            row = qm9.loc[words[1]]
-        else:
-            row = md17.loc[(words[0].capitalize(), words[1].capitalize())]
-        true = [row["DimeNet (this run)"], row["DimeNet (this run) std"], row["DimezblNet (this run)"],
-                row["DimezblNet (this run) std"], row["Change (this run, %)"],
-                row["Change 95% low (this run, %)"], row["Change 95% high (this run, %)"]]
-        for text, value in zip(shown, true):
-            assert _shown_matches(text, value), f"README cpu row {label!r}: {text} but the table has {value:.4g}"
-        assert len(str(row["DimeNet (this run) seeds"]).split()) == int(seeds), label
-        checked += 1
-    assert checked >= 10, f"only {checked} cpu summary rows found in README.md"
+    qm9 = pd.read_csv(tables / "table1_qm9.csv", comment="#", dtype={"DimeNet (this run) seeds": str,
+                                                                     "DimezblNet (this run) seeds": str})
+    md17 = pd.read_csv(tables / "table2_md17.csv", comment="#", dtype={"DimeNet (this run) seeds": str,
+                                                                       "DimezblNet (this run) seeds": str})
+    rows = [line for line in (tables / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert rows == dc.summary_markdown(qm9, md17).splitlines() and len(rows) >= 12
     # the run count of the tables' headers ("Seeds: 0 1 2; 24 runs"), which count what they were built from
     in_tables = sum(int(re.search(r"; (\d+) runs", (tables / f"{name}.md").read_text()).group(1))
                     for name in ("table1_qm9", "table2_md17"))
