@@ -3714,11 +3714,13 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of `display_table(table)`."""
     shown = display_table(table)
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    lines = [line(shown.columns), line(["---"] * len(shown.columns))]
-    lines += [line(row) for row in shown.itertuples(index=False)]
+    lines = [_markdown_row(shown.columns), _markdown_row(["---"] * len(shown.columns))]
+    lines += [_markdown_row(row) for row in shown.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -3858,7 +3860,7 @@ def summary_markdown(table1: pd.DataFrame, table2: pd.DataFrame) -> str:
     change (from its quoted numbers). Every cell is formatted as in `markdown_table`."""
     header = ["test MAE", "unit", "seeds", "DimeNet (this run)", "DimezblNet (this run)",
               "change, this run", "change, paper"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
     for table, label in ((table1, lambda row: f"QM9 {row['Target']}"),
                          (table2, lambda row: f"{row['Molecule']} {row['Quantity'].lower()}")):
         for _, row in table.iterrows():
@@ -3873,7 +3875,7 @@ def summary_markdown(table1: pd.DataFrame, table2: pd.DataFrame) -> str:
                      _format_change(row["Change (this run, %)"], row["Change 95% low (this run, %)"],
                                     row["Change 95% high (this run, %)"]),
                      _format_change(row["Change (paper, %)"])]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            lines.append(_markdown_row(cells))
     return "\n".join(lines) + "\n"
 
 
