@@ -2958,6 +2958,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> 
     # the code and threads of each process that trains this run (a resumed run may span commits)
     state["segments"] = [*state["segments"],
                          {**git_state(), "from_step": state["step"], "torch_threads": torch.get_num_threads(),
+                          "hardware": hardware_description(device),
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     module = model
     if world_size > 1:
@@ -3473,6 +3474,15 @@ def _hardware_text(hardware: dict) -> str:
             f"{hardware.get('torch_threads', '?')} torch threads")
 
 
+def _run_hardware_text(provenance: dict) -> str:
+    """The hardware of a run: that of the process that finished it, preceded by any other hardware
+    an earlier segment trained on (a run started on a GPU and resumed on a CPU names both)."""
+    texts = [_hardware_text(segment["hardware"]) for segment in provenance.get("segments", [])
+             if segment.get("hardware")]
+    texts.append(_hardware_text(provenance.get("hardware", {})))
+    return " + ".join(dict.fromkeys(texts))
+
+
 def _run_row(run_dir: Path, results_dir) -> dict:
     """One run's record from its metrics.json, config.json and provenance.json."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -3497,7 +3507,7 @@ def _run_row(run_dir: Path, results_dir) -> dict:
         "num_parameters": provenance.get("num_parameters"),
         "train_wall_time_s": provenance.get("train_wall_time_s"),
         "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
-        "hardware": _hardware_text(provenance.get("hardware", {})),
+        "hardware": _run_hardware_text(provenance),
         "md17_source": config.get("md17_source") if config["dataset"] == "md17" else None,
         "data_dir": config.get("data_dir"),
     }  # fmt: skip

@@ -143,7 +143,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, keep_torch_threads):
     segments = json.loads((run_dir / "provenance.json").read_text())["segments"]
     assert [segment["from_step"] for segment in segments] == [0, killed_at]
     assert all(segment["dimezbl_core_sha256"] == dc.git_state()["dimezbl_core_sha256"] and
-               segment["torch_threads"] == 1 for segment in segments)
+               segment["torch_threads"] == 1 and segment["hardware"]["device"] == "cpu"
+               for segment in segments)
     reference_segments = json.loads((tmp_path / "reference" / "provenance.json").read_text())["segments"]
     assert [segment["from_step"] for segment in reference_segments] == [0]
 
@@ -278,3 +279,17 @@ def test_run_models_command_line_trains_seed_by_seed_and_reuses(tmp_path, capsys
     assert "trained " not in printed and printed.count("reusing ") == 4
     with pytest.raises(SystemExit):
         dc.main(["run-models", "--dataset", "qm9", "--targets", "U0", "--models", "schnet"])
+
+
+def test_run_hardware_names_every_device_a_run_trained_on():
+    """A run started on a GPU and resumed on a CPU names both in the tables; one device, once."""
+    gpu = {"device": "cuda", "gpu": "NVIDIA H200", "cpu_count": 16, "torch_threads": 1}
+    cpu = {"device": "cpu", "cpu": "x86_64", "cpu_count": 2, "torch_threads": 2}
+    mixed = {"hardware": cpu, "segments": [{"hardware": gpu}, {"hardware": cpu}]}
+    assert dc._run_hardware_text(mixed) == ("cuda (NVIDIA H200), 16 CPU cores, 1 torch threads + "
+                                            "cpu (x86_64), 2 CPU cores, 2 torch threads")
+    assert dc._run_hardware_text({"hardware": cpu, "segments": [{"hardware": cpu}] * 2}) == \
+        "cpu (x86_64), 2 CPU cores, 2 torch threads"
+    # runs trained before segments recorded hardware: the finishing process's hardware alone
+    assert dc._run_hardware_text({"hardware": cpu, "segments": [{"from_step": 0}]}) == \
+        "cpu (x86_64), 2 CPU cores, 2 torch threads"
