@@ -1,28 +1,37 @@
 """CUDA paths (skipped where there is no GPU, as in CI): the same model on the CPU and on CUDA gives the
 same energies and forces, and the training steps (energy with and without bf16 autocast, forces with
-create_graph) run and stay finite. The same checks ran as a script on a lent NVIDIA H200 in session 6 for
-DimeNet and DimezblNet (64 channels, 4 blocks): |dE| 6e-12, |dF| 8e-10 in float64; the DimeNet++ case has not
-run on a GPU yet.
+create_graph) run and stay finite. The same checks ran as a script (.gpu/check.py) on a lent NVIDIA H200 in
+sessions 6 and 9 for DimeNet and DimezblNet (64 channels, 4 blocks): |dE| 6e-12, |dF| 8e-10 in float64.
+This module itself was skipped there both times: it took its molecules from the PyG-equivalence module
+(skipped where PyG's DimeNet does not import) and from qm9pack (not installed there). It now reads them
+through dimezbl_core.load_qm9 (qm9pack or the verified cache), with no PyG import; it has not run on a GPU
+since, so the DimeNet++ case has not run on a GPU yet.
 """
 import pytest
 import torch
 
 import dimezbl_core as dc
-from test_pyg_equivalence import concat
-
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
-def _batch(molecules):
-    z, pos, batch = concat(molecules)  # the equivalence tests' batching, positions in float64
-    return z, pos.double(), batch
+@pytest.fixture(scope="module")
+def qm9_batch():
+    """24 real QM9 molecules as one batch: z [N], positions [N, 3] in Angstrom (float64), batch [N]."""
+    try:
+        data = dc.load_qm9()  # qm9pack, or the verified cache in data/ (a GPU node without qm9pack)
+    except ModuleNotFoundError as error:
+        pytest.skip(f"no QM9 data here: {error}")
+    molecules = [data[i] for i in range(1000, 1024)]
+    sizes = torch.tensor([m.z.numel() for m in molecules])
+    return (torch.cat([m.z for m in molecules]), torch.cat([m.pos for m in molecules]).double(),
+            torch.repeat_interleave(torch.arange(len(molecules)), sizes))
 
 
 @pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
 @pytest.mark.parametrize("zbl", [False, True])
-def test_cpu_and_cuda_give_the_same_energies_and_forces(qm9_sample_molecules, variant, zbl):
+def test_cpu_and_cuda_give_the_same_energies_and_forces(qm9_batch, variant, zbl):
     torch.manual_seed(0)
-    z, pos, batch = _batch(qm9_sample_molecules)
+    z, pos, batch = qm9_batch
     model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant=variant, zbl=zbl).double()
     with torch.no_grad():  # non-zero output layers, so that the forces are not trivially zero
         for parameter in model.parameters():
@@ -38,9 +47,9 @@ def test_cpu_and_cuda_give_the_same_energies_and_forces(qm9_sample_molecules, va
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-8, atol=1e-8 * float(scale))
 
 
-def test_cuda_training_steps_run_and_stay_finite(qm9_sample_molecules):
+def test_cuda_training_steps_run_and_stay_finite(qm9_batch):
     torch.manual_seed(0)
-    z, pos, batch = (t.cuda() for t in _batch(qm9_sample_molecules))
+    z, pos, batch = (t.cuda() for t in qm9_batch)
     pos = pos.float()
     model = dc.DimezblNet(hidden_channels=32, num_blocks=2, zbl=True).cuda()
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
