@@ -3764,6 +3764,20 @@ def _range_text(values) -> str:
         else ", ".join(map(str, values))
 
 
+def _commits_text(runs: pd.DataFrame) -> str:
+    """The commits that trained these runs, each marked where some of its runs ran with
+    uncommitted changes, or on a copy without git whose commit was declared (dirty unknown)."""
+    texts = []
+    for commit, group in runs.groupby(runs["git_commit"].fillna("?"), sort=True):
+        flags = list(group["git_dirty"])
+        notes = [note for note, present in (
+            ("uncommitted changes", any(flag is True for flag in flags)),
+            ("declared, no git repository where it ran", any(flag is None or flag != flag for flag in flags)),
+        ) if present]
+        texts.append(f"{commit} ({'; '.join(notes)})" if notes else str(commit))
+    return ", ".join(texts) or "?"
+
+
 def _md17_data_text(runs: pd.DataFrame) -> str:
     """Where the MD17 data of these runs came from, in words."""
     sources = sorted(set(runs["md17_source"].dropna()))
@@ -3814,6 +3828,7 @@ def table_header(runs: pd.DataFrame, table: int, profile: str) -> list:
         lines.append("No runs of this profile were found: the 'this run' columns are empty")
     else:
         wall = runs["train_wall_time_s"].dropna()
+        hardware = "; ".join(sorted(set(runs["hardware"].dropna()))) or "?"  # each text has commas
         lines += [
             f"Budget: train {_range_text(runs['n_train'])}, validation {_range_text(runs['n_valid'])}, "
             f"test {_range_text(runs['n_test'])} molecules/configurations; {_range_text(runs['steps'])} "
@@ -3822,11 +3837,9 @@ def table_header(runs: pd.DataFrame, table: int, profile: str) -> list:
             f"parameters {_range_text(runs['num_parameters'].dropna().astype(int))}",
             f"Seeds: {' '.join(str(s) for s in sorted(set(runs['seed'])))}; {len(runs)} runs "
             f"({runs['target'].nunique()} {'targets' if table == 1 else 'molecules'} with runs)",
-            f"Git commit of the runs: {_range_text(runs['git_commit'])}"
-            f"{' (uncommitted changes)' if runs['git_dirty'].fillna(False).any() else ''}; "
-            f"tables written at {git_state().get('commit')}",
-            f"Hardware: {_range_text(runs['hardware'])}; training wall time per model "
-            f"{_range_text([int(round(w)) for w in wall])} s" if len(wall) else f"Hardware: {_range_text(runs['hardware'])}",
+            f"Git commit of the runs: {_commits_text(runs)}; tables written at {git_state().get('commit')}",
+            f"Hardware: {hardware}; training wall time per model "
+            f"{_range_text([int(round(w)) for w in wall])} s" if len(wall) else f"Hardware: {hardware}",
         ]
     lines.append(f"Written: {time.strftime('%Y-%m-%d %H:%M:%S %z')} on {platform.node() or '?'}")
     return lines

@@ -478,3 +478,22 @@ def test_readme_cpu_summary_comes_from_the_committed_cpu_tables():
                     for name in ("table1_qm9", "table2_md17"))
     claimed = re.search(r"(\d+) of the 120 runs", section)
     assert claimed and int(claimed.group(1)) == in_tables, f"README says {claimed and claimed.group(0)}, the tables {in_tables}"
+
+
+def test_table_header_marks_each_commit_by_how_its_runs_were_trained():
+    """Uncommitted changes and declared commits (a copy without git) are named per commit, not
+    appended to the whole list, so that a clean commit is never shown as dirty."""
+    runs = _fake_runs({("U0", "dimenet", 0): 1.0, ("U0", "dimenet", 1): 1.0, ("U0", "dimezblnet", 0): 1.0,
+                       ("U0", "dimezblnet", 1): 1.0})
+    runs["git_commit"] = ["bbb", "aaa", "aaa", "ccc"]
+    runs["git_dirty"] = [True, False, False, None]
+    assert dc._commits_text(runs) == ("aaa, bbb (uncommitted changes), "
+                                      "ccc (declared, no git repository where it ran)")
+    runs["hardware"] = ["cpu (x86_64), 2 CPU cores, 2 torch threads"] * 3 + [
+        "cuda (NVIDIA H200), 16 CPU cores, 1 torch threads"]
+    runs["train_wall_time_s"] = [800.0, 810.0, 820.0, 360.0]
+    header = "\n".join(dc.table_header(runs, 1, "cpu"))
+    assert ("Git commit of the runs: aaa, bbb (uncommitted changes), ccc (declared, no git repository "
+            "where it ran); tables written at") in header
+    assert ("Hardware: cpu (x86_64), 2 CPU cores, 2 torch threads; cuda (NVIDIA H200), 16 CPU cores, "
+            "1 torch threads; training wall time per model 360-820 s") in header
