@@ -3483,6 +3483,18 @@ def _run_hardware_text(provenance: dict) -> str:
     return " + ".join(dict.fromkeys(texts))
 
 
+def _run_git(provenance: dict) -> Tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of a run: the commits of every process that trained it, in order, joined
+    by " + " (a run started on a GPU copy and resumed here names both); dirty is True if any
+    process ran with uncommitted changes, else None if any had no git (a declared commit)."""
+    states = [segment for segment in provenance.get("segments", []) if "commit" in segment]
+    states = states or [provenance.get("git", {})]
+    commits = " + ".join(dict.fromkeys(str(state.get("commit")) for state in states))
+    flags = [state.get("dirty") for state in states]
+    dirty = True if True in flags else (None if None in flags else False)
+    return commits, dirty
+
+
 def _run_row(run_dir: Path, results_dir) -> dict:
     """One run's record from its metrics.json, config.json and provenance.json."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -3492,7 +3504,7 @@ def _run_row(run_dir: Path, results_dir) -> dict:
     model = TrainConfig.from_dict(config).model_name  # dimenet, dimezblnet (+ _pp for DimeNet++)
     test, valid = metrics["test"], metrics["valid"]
     baseline, units = metrics.get("test_mean_predictor", {}), metrics.get("units", {})
-    git = provenance.get("git", {})
+    commit, dirty = _run_git(provenance)
     return {
         "profile": config["profile"], "dataset": config["dataset"], "target": config["target"],
         "model": model, "seed": int(config["seed"]), "run_dir": _relative_to_results(run_dir, results_dir),
@@ -3506,7 +3518,7 @@ def _run_row(run_dir: Path, results_dir) -> dict:
         "batch_size": config["batch_size"], "model_overrides": json.dumps(config["model"], sort_keys=True),
         "num_parameters": provenance.get("num_parameters"),
         "train_wall_time_s": provenance.get("train_wall_time_s"),
-        "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
+        "git_commit": commit, "git_dirty": dirty,
         "hardware": _run_hardware_text(provenance),
         "md17_source": config.get("md17_source") if config["dataset"] == "md17" else None,
         "data_dir": config.get("data_dir"),

@@ -293,3 +293,18 @@ def test_run_hardware_names_every_device_a_run_trained_on():
     # runs trained before segments recorded hardware: the finishing process's hardware alone
     assert dc._run_hardware_text({"hardware": cpu, "segments": [{"from_step": 0}]}) == \
         "cpu (x86_64), 2 CPU cores, 2 torch threads"
+
+
+def test_run_git_names_every_commit_a_run_trained_at():
+    """The tables' commit of a run: the commit of each process that trained it, in order."""
+    gpu = {"commit": "a7a6a51", "dirty": None, "from_step": 0}
+    cpu = {"commit": "3031137", "dirty": False, "from_step": 1000}
+    assert dc._run_git({"git": {"commit": "3031137", "dirty": False}, "segments": [gpu, cpu]}) == \
+        ("a7a6a51 + 3031137", None)
+    assert dc._run_git({"git": {"commit": "b", "dirty": False},
+                        "segments": [{"commit": "a", "dirty": True}, {"commit": "b", "dirty": False}]}) == \
+        ("a + b", True)
+    assert dc._run_git({"git": {"commit": "c", "dirty": False},
+                        "segments": [{"commit": "c", "dirty": False}] * 2}) == ("c", False)
+    # runs written before segments existed: the finishing process's commit
+    assert dc._run_git({"git": {"commit": "d", "dirty": True}}) == ("d", True)
