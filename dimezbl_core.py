@@ -3474,13 +3474,17 @@ def _hardware_text(hardware: dict) -> str:
             f"{hardware.get('torch_threads', '?')} torch threads")
 
 
+def _in_order_once(texts) -> str:
+    """Distinct texts in their first-seen order, joined by " + " (one per training segment)."""
+    return " + ".join(dict.fromkeys(texts))
+
+
 def _run_hardware_text(provenance: dict) -> str:
     """The hardware of a run: that of the process that finished it, preceded by any other hardware
     an earlier segment trained on (a run started on a GPU and resumed on a CPU names both)."""
     texts = [_hardware_text(segment["hardware"]) for segment in provenance.get("segments", [])
              if segment.get("hardware")]
-    texts.append(_hardware_text(provenance.get("hardware", {})))
-    return " + ".join(dict.fromkeys(texts))
+    return _in_order_once([*texts, _hardware_text(provenance.get("hardware", {}))])
 
 
 def _run_git(provenance: dict) -> Tuple[Optional[str], Optional[bool]]:
@@ -3489,7 +3493,7 @@ def _run_git(provenance: dict) -> Tuple[Optional[str], Optional[bool]]:
     process ran with uncommitted changes, else None if any had no git (a declared commit)."""
     states = [segment for segment in provenance.get("segments", []) if "commit" in segment]
     states = states or [provenance.get("git", {})]
-    commits = " + ".join(dict.fromkeys(str(state.get("commit")) for state in states))
+    commits = _in_order_once(state.get("commit") or "?" for state in states)  # "?": no git, none declared
     flags = [state.get("dirty") for state in states]
     dirty = True if True in flags else (None if None in flags else False)
     return commits, dirty
@@ -3784,7 +3788,8 @@ def _commits_text(runs: pd.DataFrame) -> str:
         flags = list(group["git_dirty"])
         notes = [note for note, present in (
             ("uncommitted changes", any(flag is True for flag in flags)),
-            ("declared, no git repository where it ran", any(flag is None or flag != flag for flag in flags)),
+            ("declared, no git repository where it ran",
+             commit != "?" and any(flag is None or flag != flag for flag in flags)),
         ) if present]
         texts.append(f"{commit} ({'; '.join(notes)})" if notes else str(commit))
     return ", ".join(texts) or "?"

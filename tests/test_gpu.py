@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dimezbl_core as dc
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -308,3 +309,8 @@ def test_run_git_names_every_commit_a_run_trained_at():
                         "segments": [{"commit": "c", "dirty": False}] * 2}) == ("c", False)
     # runs written before segments existed: the finishing process's commit
     assert dc._run_git({"git": {"commit": "d", "dirty": True}}) == ("d", True)
+    # no git and no declared commit: unknown, never shown as declared
+    unknown = dc._run_git({"git": {"commit": None, "dirty": None}})
+    assert unknown == ("?", None)
+    runs = pd.DataFrame({"git_commit": [unknown[0], "e"], "git_dirty": [unknown[1], None]})
+    assert dc._commits_text(runs) == "?, e (declared, no git repository where it ran)"
