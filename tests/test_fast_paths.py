@@ -232,3 +232,65 @@ def test_swish_derivatives_equal_torch_silu_to_third_order(create_graph):
     assert torch.autograd.gradcheck(dc.swish, (x,))
     assert torch.autograd.gradgradcheck(dc.swish, (x,))
     assert not torch.equal(derivatives["swish"][2], torch.zeros_like(x0))
+
+
+def test_first_order_keeps_value_and_first_derivative_and_drops_higher_ones():
+    """`first_order(fn, x)`: the value and dfn/dx of fn (also where fn has trainable parameters,
+    whose derivatives, dfn/dx's included, stay exact); the second derivative in x is zero."""
+    rbf = dc.BesselBasisLayer(6).double()
+    dist = torch.linspace(0.3, 4.9, 40, dtype=torch.float64)
+    x = dist.clone().requires_grad_(True)
+    reference = rbf(x)
+    linear = dc.first_order(rbf, x)
+    torch.testing.assert_close(linear, reference, rtol=0, atol=0)
+    weights = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (d_ref,) = torch.autograd.grad((weights * reference).sum(), x, create_graph=True)
+    (d_lin,) = torch.autograd.grad((weights * linear).sum(), x, create_graph=True)
+    torch.testing.assert_close(d_lin, d_ref, rtol=1e-12, atol=1e-12)
+    # d/dfreq of the first derivative (what force training needs) is exact ...
+    (f_ref,) = torch.autograd.grad(d_ref.square().sum(), rbf.freq, retain_graph=True)
+    (f_lin,) = torch.autograd.grad(d_lin.square().sum(), rbf.freq, retain_graph=True)
+    torch.testing.assert_close(f_lin, f_ref, rtol=1e-12, atol=1e-12)
+    # ... and the second derivative in x is dropped (the reference's is not zero)
+    (x2_ref,) = torch.autograd.grad(d_ref.sum(), x)
+    (x2_lin,) = torch.autograd.grad(d_lin.sum(), x, allow_unused=True, materialize_grads=True)
+    assert x2_ref.abs().max() > 1e-3
+    assert torch.equal(x2_lin, torch.zeros_like(x2_lin))
+
+
+@pytest.mark.parametrize("variant,reach", [("dimenet", "cutoff"), ("dimenet", "lammps"),
+                                           ("dimenet++", "covalent"), ("dimenet++", "cutoff")])
+def test_force_training_with_geometry_to_first_order_equals_full_autograd(variant, reach, qm9_sample_molecules):
+    """`energy_and_forces(create_graph=True)` on positions that do not require grad linearises the
+    geometry and bases (`pos_first_order`): energies are bit-for-bit those of the full graph,
+    forces equal to rounding, and the weights' gradients of a force-training loss equal the full graph's (float64),
+    ZBL's learnable scale and the RBF frequencies included."""
+    samples = qm9_sample_molecules[:6]
+    z = torch.cat([m["z"] for m in samples])
+    pos = torch.cat([m["pos"] for m in samples]).double()
+    molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
+    torch.manual_seed(3)
+    model = dc.DimezblNet(hidden_channels=16, num_blocks=2, variant=variant, int_emb_size=8, basis_emb_size=4,
+                          out_emb_channels=16, output_initializer="glorot_orthogonal", zbl_reach=reach,
+                          zbl_learnable_scale=True).double()
+    with torch.no_grad():
+        model.zbl.scale.fill_(0.7)
+    force_target = torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss_and_grads(full_graph: bool):
+        if full_graph:  # a pos that requires grad keeps every order exact
+            leaf = pos.clone().requires_grad_(True)
+            energy, forces = model.energy_and_forces(z, leaf, molecule, create_graph=True)
+        else:
+            energy, forces = model.energy_and_forces(z, pos, molecule, create_graph=True)
+        loss = energy.abs().mean() + (forces - force_target).square().mean()
+        return energy, forces, torch.autograd.grad(loss, list(model.parameters()))
+
+    e_full, f_full, g_full = loss_and_grads(True)
+    e_lin, f_lin, g_lin = loss_and_grads(False)
+    assert torch.equal(e_lin, e_full)
+    # the angle's derivative in closed form instead of autograd's through the quotient: rounding only
+    torch.testing.assert_close(f_lin, f_full, rtol=1e-9, atol=1e-10)
+    for (name, _), a, b in zip(model.named_parameters(), g_lin, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert model.zbl.scale.requires_grad and g_full[[n for n, _ in model.named_parameters()].index("zbl.scale")].abs() > 0
