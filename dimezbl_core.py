@@ -3980,7 +3980,7 @@ def summary_markdown(table1: pd.DataFrame, table2: pd.DataFrame) -> str:
     change (from its quoted numbers). Every cell is formatted as in `markdown_table`."""
     header = ["test MAE", "unit", "seeds", "DimeNet (this run)", "DimezblNet (this run)",
               "change, this run", "change, paper"]
-    lines = [_markdown_row(header), "|" + "---|" * len(header)]
+    lines = [_markdown_row(header), _markdown_row(["---"] * len(header))]
     for table, label in ((table1, lambda row: f"QM9 {row['Target']}"),
                          (table2, lambda row: f"{row['Molecule']} {row['Quantity'].lower()}")):
         for _, row in table.iterrows():
