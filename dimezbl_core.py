@@ -154,8 +154,8 @@ def first_order(fn, x: Tensor) -> Tensor:
 
     For force training: when the positions are a leaf whose .grad nobody reads, the loss's
     backward through the forces would otherwise also differentiate the bases a second time in
-    the positions (the basis functions' own graphs, ~13% of a DimeNet++ force step), work whose
-    result is thrown away. See `DimezblNet.energy_and_forces`.
+    the positions (the basis functions' own graphs, 3-5% of a force training step on the CPU),
+    work whose result is thrown away. See `DimezblNet.energy_and_forces`.
     """
     x0 = x.detach()
     with forward_ad.dual_level():
@@ -1258,12 +1258,13 @@ class DimezblNet(nn.Module):
             cos_angle = (vec[idx_ji] * vec[idx_kj]).sum(-1) / (dist[idx_ji] * dist[idx_kj])
         return dist, cos_angle
 
-    def _geometry_first_order(self, pos, dist0, cos0, i, j, idx_i, idx_k, idx_kj, idx_ji) -> Tuple[Tensor, Tensor]:
-        """`_geometry` as values (dist0, cos0, from the detached positions) plus their first-order
-        change in pos - pos.detach() (zero in value): exact first derivatives in pos, none
-        higher (see `first_order`)."""
+    def _geometry_first_order(self, pos, i, j, idx_i, idx_k, idx_kj, idx_ji) -> Tuple[Tensor, Tensor]:
+        """`_geometry` as its values at the detached positions plus their first-order change in
+        pos - pos.detach() (zero in value): exact first derivatives in pos, none higher (see
+        `first_order`)."""
         with torch.no_grad():
             p0 = pos.detach()
+            dist0, cos0 = self._geometry(p0, i, j, idx_i, idx_k, idx_kj, idx_ji)
             vec = p0[i] - p0[j]
             a = vec[idx_ji]
             b = -(p0[idx_k] - p0[idx_i]) if self.variant == "dimenet" else vec[idx_kj]
@@ -1293,12 +1294,8 @@ class DimezblNet(nn.Module):
         with torch.no_grad():
             edge_index = radius_graph(pos.detach(), batch, self.cutoff)
             i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji = triplets(edge_index, num_atoms)
-        if pos_first_order:  # values from the detached positions, then first order in pos
-            with torch.no_grad():
-                dist, cos_angle = self._geometry(pos.detach(), i, j, idx_i, idx_k, idx_kj, idx_ji)
-            dist, cos_angle = self._geometry_first_order(pos, dist, cos_angle, i, j, idx_i, idx_k, idx_kj, idx_ji)
-        else:
-            dist, cos_angle = self._geometry(pos, i, j, idx_i, idx_k, idx_kj, idx_ji)
+        geometry = self._geometry_first_order if pos_first_order else self._geometry
+        dist, cos_angle = geometry(pos, i, j, idx_i, idx_k, idx_kj, idx_ji)
         self._check_distances(dist.detach(), edge_index)
         if pos_first_order:
             rbf = first_order(self.rbf, dist)
