@@ -194,7 +194,7 @@ def test_zbl_adds_exactly_the_pair_sum(variant, reach, unit, k, qm9_sample_molec
 def test_force_training_gradients_equal_pyg(variant, qm9_sample_molecules):
     """The force-training step (forces with create_graph, loss MAE(E) + 100 MAE(F), backward) gives PyG's
     parameter gradients: this exercises the second derivatives of our sparse triplet aggregation, which PyG
-    computes with plain gather / einsum / scatter."""
+    computes with plain gather / einsum / scatter; also through `energy_and_forces` (geometry to first order)."""
     mols = [m for m in qm9_sample_molecules if 8 <= len(m["z"]) <= 12][:3]
     assert len(mols) == 3
     ref, ours = cached_pair(variant)
@@ -203,19 +203,25 @@ def test_force_training_gradients_equal_pyg(variant, qm9_sample_molecules):
     energy_target = torch.randn(len(mols), generator=g, dtype=torch.float64)
     force_target = torch.randn(pos.shape, generator=g, dtype=torch.float64)
     gradients = []
-    for model in (ref, ours):
+    # PyG's full graph, ours on the full graph, ours through energy_and_forces (geometry to first order)
+    for model, own_path in ((ref, False), (ours, False), (ours, True)):
         model.zero_grad(set_to_none=True)
-        p = pos.clone().requires_grad_(True)
-        energy = model(z, p, batch).reshape(-1)
-        (grad_pos,) = torch.autograd.grad(energy.sum(), p, create_graph=True)
-        loss = (energy - energy_target).abs().mean() + 100 * (-grad_pos - force_target).abs().mean()
+        if own_path:
+            energy, forces = model.energy_and_forces(z, pos, batch, create_graph=True)
+        else:
+            p = pos.clone().requires_grad_(True)
+            energy = model(z, p, batch).reshape(-1)
+            (grad_pos,) = torch.autograd.grad(energy.sum(), p, create_graph=True)
+            forces = -grad_pos
+        loss = (energy - energy_target).abs().mean() + 100 * (forces - force_target).abs().mean()
         loss.backward()
         gradients.append({k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None})
-    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 20
+    assert gradients[0].keys() == gradients[1].keys() == gradients[2].keys() and len(gradients[0]) > 20
     nonzero = 0
     for key, expected in gradients[0].items():
-        torch.testing.assert_close(gradients[1][key], expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()),
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        for ours_grad in (gradients[1][key], gradients[2][key]):
+            torch.testing.assert_close(ours_grad, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()),
+                                       msg=lambda m, key=key: f"{key}: {m}")
         nonzero += int(float(expected.abs().max()) > 0)
     assert nonzero > 20, "the gradients compared must be non-trivial"
     model_grad = gradients[1]
