@@ -1,5 +1,6 @@
 """CUDA paths (skipped where there is no GPU, as in CI): the same model on the CPU and on CUDA gives the
-same energies and forces, and the training steps (energy with and without bf16 autocast, forces with
+same energies and forces and the same force-training weight gradients (the geometry to first order,
+forward-mode AD, since session 10), and the training steps (energy with and without bf16 autocast, forces with
 create_graph) run and stay finite. The same checks ran as a script (.gpu/check.py) on a lent NVIDIA H200 in
 sessions 6 and 9 for DimeNet and DimezblNet (64 channels, 4 blocks): |dE| 6e-12, |dF| 8e-10 in float64.
 This module itself was skipped there both times: it took its molecules from the PyG-equivalence module
@@ -46,6 +47,33 @@ def test_cpu_and_cuda_give_the_same_energies_and_forces(qm9_batch, variant, zbl)
     assert scale > 0
     torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-8, atol=1e-8 * float(scale))
+
+
+@pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
+def test_cpu_and_cuda_give_the_same_force_training_gradients(qm9_batch, variant):
+    """The force-training path (`energy_and_forces(create_graph=True)`, geometry to first order:
+    forward-mode AD of the bases) gives the same weight gradients on CUDA as on the CPU (float64)."""
+    _compare_force_training_gradients(qm9_batch, variant, ("cpu", "cuda"))
+
+
+def _compare_force_training_gradients(qm9_batch, variant, devices):
+    torch.manual_seed(0)
+    z, pos, batch = qm9_batch
+    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant=variant, zbl=True,
+                          output_initializer="glorot_orthogonal").double()
+    force_target = torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = {}
+    for device in devices:
+        model.to(device)
+        model.zero_grad(set_to_none=True)
+        energy, forces = model.energy_and_forces(z.to(device), pos.to(device), batch.to(device), create_graph=True)
+        loss = energy.abs().mean() + (forces - force_target.to(device)).abs().mean()
+        loss.backward()
+        results[device] = [p.grad.detach().cpu() for p in model.parameters()]
+    first, second = (results[d] for d in devices)
+    assert sum(float(g.abs().max()) > 0 for g in first) > 10
+    for a, b in zip(second, first):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * max(float(b.abs().max()), 1e-30))
 
 
 def test_cuda_training_steps_run_and_stay_finite(qm9_batch):
