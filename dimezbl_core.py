@@ -3167,6 +3167,8 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
                "target_offset": {"per_molecule": data.offset[0], "per_atom": data.offset[1],
                                  "unit": "training unit (eV for QM9 energies, kcal/mol MD17)"}}
     if rank == 0:
+        if eval_model.zbl is not None:  # before metrics.json, which marks the run done
+            _write_zbl_term_file(eval_model, data, run_dir)
         _json_dump_atomic(metrics, run_dir / "metrics.json")
         _json_dump_atomic({
             "config": config.to_dict(), "seed": config.seed, "git": git_state(),
@@ -3195,6 +3197,92 @@ def evaluate_checkpoint(path, subset: str = "test", device: str = "auto") -> dic
     metrics = evaluate(model, data, getattr(data, subset), target_device)
     return {"subset": subset, "metrics": to_reporting_units(metrics, config),
             "units": reporting_unit(config)}  # fmt: skip
+
+
+ZBL_TERM_FILE = "zbl_term.json"  # in a DimezblNet run directory, beside metrics.json
+
+
+def zbl_term_summary(model: DimezblNet, data: RunData, subset: str = "test") -> dict:
+    """What the ZBL term of a trained DimezblNet adds to its predictions on one subset.
+
+    The term is weight x E_zbl(molecule): E_zbl (switched, in the ZBL module's unit: eV for QM9,
+    kcal/mol for MD17) depends on the geometry only; the weight is the fixed 1 for energies and is
+    learned, starting at 0, for the other QM9 targets. Returns the weight, E_zbl's mean and std over
+    the subset's molecules, and the contribution weight x E_zbl in the target's reporting unit
+    (Tables 1 and 2). Set its std (over molecules) beside the test MAE: a contribution whose spread
+    is comparable to the error is not harmless, even with a weight near 0.
+    """
+    if model.zbl is None:
+        raise ValueError("this model has no ZBL term (a DimeNet run): give a DimezblNet checkpoint")
+    if subset not in ("train", "valid", "test"):
+        raise ValueError(f"unknown subset {subset!r}: use 'train', 'valid' or 'test'")
+    part = getattr(data, subset)
+    unit_zbl = copy.deepcopy(model.zbl)
+    with torch.no_grad():
+        unit_zbl.scale.fill_(1.0)  # E_zbl itself; the learned weight multiplies it below
+    zbl_energy = molecule_zbl_energies([part[i] for i in range(len(part))], unit_zbl).numpy()  # float64
+    weight = float(model.zbl.scale.detach())
+    contribution = weight * zbl_energy  # the target's training unit
+    if data.config.dataset == "qm9":
+        contribution = qm9_to_reporting_units(contribution, data.config.target)
+    return {"subset": subset, "n_molecules": int(zbl_energy.size), "zbl_weight": weight,
+            "zbl_weight_learned": isinstance(model.zbl.scale, nn.Parameter),
+            "zbl_energy": {"mean": float(zbl_energy.mean()), "std": float(zbl_energy.std()),
+                           "unit": model.zbl.unit},
+            "contribution": {"mean": float(contribution.mean()), "std": float(contribution.std()),
+                             "unit": reporting_unit(data.config)["energy"]}}  # fmt: skip
+
+
+def write_zbl_term(run_dir, subset: str = "test", device: str = "cpu", data_dir=None) -> dict:
+    """`zbl_term_summary` of a finished DimezblNet run (its best checkpoint, EMA weights), written
+    atomically to <run_dir>/zbl_term.json with the commit that computed it. train() writes it at the
+    end of every DimezblNet run; this writes it for runs that finished before it did."""
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoint_best.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the ZBL term needs the run's best checkpoint")
+    model, config = load_trained_model(path, device, data_dir)
+    return _write_zbl_term_file(model, RunData(config, model.zbl), run_dir, subset)
+
+
+def _write_zbl_term_file(model: DimezblNet, data: RunData, run_dir: Path, subset: str = "test") -> dict:
+    summary = {**zbl_term_summary(model, data, subset), "checkpoint": "checkpoint_best.pt (EMA weights)",
+               "git": git_state(), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _json_dump_atomic(summary, run_dir / ZBL_TERM_FILE)
+    return summary
+
+
+def zbl_terms(runs: pd.DataFrame, results_dir=None) -> pd.DataFrame:
+    """One row per DimezblNet run of a `collect_runs` table: the learned ZBL weight and what the
+    term adds (from each run's zbl_term.json) beside the run's test MAE and the DimeNet test MAE
+    of the same seed. Runs without zbl_term.json get NaN (write it with `write_zbl_term`)."""
+    rows = []
+    for run in runs[runs["model"].str.startswith("dimezblnet")].itertuples(index=False):
+        path = results_path(results_dir, run.run_dir, ZBL_TERM_FILE)
+        term = json.loads(path.read_text()) if path.exists() else None
+        dimenet = runs[(runs["target"] == run.target) & (runs["seed"] == run.seed)
+                       & (runs["model"] == run.model.replace("dimezblnet", "dimenet"))]["test_energy_mae"]
+        rows.append({
+            "target": run.target, "seed": run.seed,
+            "zbl_weight": term["zbl_weight"] if term else math.nan,
+            "zbl_energy_mean": term["zbl_energy"]["mean"] if term else math.nan,
+            "zbl_energy_std": term["zbl_energy"]["std"] if term else math.nan,
+            "zbl_energy_unit": term["zbl_energy"]["unit"] if term else None,
+            "contribution_mean": term["contribution"]["mean"] if term else math.nan,
+            "contribution_std": term["contribution"]["std"] if term else math.nan,
+            "test_energy_mae": run.test_energy_mae,
+            "dimenet_test_energy_mae": float(dimenet.iloc[0]) if len(dimenet) else math.nan,
+            "unit": run.energy_unit, "run_dir": run.run_dir,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_zbl_terms(runs: pd.DataFrame, dataset: str, results_dir=None) -> pd.DataFrame:
+    """`zbl_terms` of a dataset's runs, written atomically to <results_dir>/tables/zbl_term_<dataset>.csv."""
+    table = zbl_terms(runs[runs["dataset"] == dataset], results_dir)
+    _atomic_write_bytes(results_path(results_dir, "tables", f"zbl_term_{dataset}.csv"),
+                        table.to_csv(index=False).encode("utf-8"))
+    return table
 
 
 def add_train_arguments(parser):
@@ -5466,7 +5554,7 @@ def shortrange_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,run-models,reproduce,readme-tables} ...`
+    """`python dimezbl_core.py {train,evaluate,export,shortrange,generate-md17,run-models,reproduce,zbl-term,readme-tables} ...`
     (see --help)."""
     import argparse
     import sys
@@ -5503,6 +5591,11 @@ def main(argv=None) -> int:
                    "resumable (see its --help)")
     sub.add_parser("reproduce", help="regenerate Tables 1 and 2 and the figures (notebooks 01-05, "
                    "see its --help)")
+    zbl_parser = sub.add_parser("zbl-term", help="write zbl_term.json (learned ZBL weight and what the term "
+                                "adds) for finished DimezblNet runs from their best checkpoints")
+    zbl_parser.add_argument("run_dirs", nargs="+", help="run directories holding checkpoint_best.pt")
+    zbl_parser.add_argument("--subset", choices=("train", "valid", "test"), default="test")
+    zbl_parser.add_argument("--data-dir", default=None)
     sub.add_parser("readme-tables", help="copy the committed tables (README_TABLES) into README.md's "
                    "marked blocks, after a rebuild of the tables")
     args = parser.parse_args(argv)
@@ -5520,6 +5613,12 @@ def main(argv=None) -> int:
         metadata = export_model(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None)
         print(f"wrote {args.out}: energy in {metadata['energy_unit']}, forces in {metadata['forces_unit']}, "
               f"{metadata['dtype']}; training offset {metadata['offset']}")
+    elif args.command == "zbl-term":
+        for run_dir in args.run_dirs:
+            term = write_zbl_term(run_dir, args.subset, data_dir=args.data_dir)
+            print(f"{Path(run_dir) / ZBL_TERM_FILE}: weight {term['zbl_weight']:.5g}, contribution "
+                  f"{term['contribution']['mean']:.4g} +- {term['contribution']['std']:.3g} "
+                  f"{term['contribution']['unit']} over {term['n_molecules']} {term['subset']} molecules")
     elif args.command == "readme-tables":
         path = REPOSITORY_ROOT / "README.md"
         text = path.read_text(encoding="utf-8")

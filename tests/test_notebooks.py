@@ -267,6 +267,25 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
     assert not list((reproduced / "tables").glob(".*tmp*"))
 
 
+def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
+    """train() writes zbl_term.json for DimezblNet runs; notebook 03 gathers them into tables/zbl_term_qm9.csv
+    beside the test MAEs of the same runs (U0: fixed weight 1; mu: the learned weight)."""
+    table = pd.read_csv(reproduced / "tables" / "zbl_term_qm9.csv").set_index("target")
+    assert sorted(table.index) == sorted(QM9_TARGETS)
+    runs = dc.collect_runs("smoke", "qm9", reproduced).set_index(["target", "model"])
+    for target in QM9_TARGETS:
+        row = table.loc[target]
+        term = json.loads((reproduced / row["run_dir"] / dc.ZBL_TERM_FILE).read_text())
+        assert row["zbl_weight"] == pytest.approx(term["zbl_weight"])
+        assert row["contribution_mean"] == pytest.approx(dc.qm9_to_reporting_units(
+            term["zbl_weight"] * term["zbl_energy"]["mean"], target), rel=1e-9)
+        assert term["n_molecules"] == TINY_TRAINING["n_test"] and term["zbl_energy"]["mean"] > 1.0  # eV
+        assert row["test_energy_mae"] == runs.loc[(target, "dimezblnet"), "test_energy_mae"]
+        assert row["dimenet_test_energy_mae"] == runs.loc[(target, "dimenet"), "test_energy_mae"]
+    assert table.loc["U0", "zbl_weight"] == 1.0 and table.loc["U0", "unit"] == "meV"
+    assert table.loc["mu", "zbl_weight"] != 0.0  # learned from 0 in the 4 steps (Adam moves it at once)
+
+
 def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys, monkeypatch):
     """Runs committed by an earlier session have metrics but no checkpoints: reuse_committed=True
     takes them as they are (no training, no data generation) and predict_runs leaves them out;

@@ -342,3 +342,38 @@ def test_zbl_forward_coincident_atoms_raise():
     zbl = make_zbl("cutoff", dict(cutoff_a=5.0))
     with pytest.raises(ValueError, match=r"(?i)coincident"):
         zbl(Z([6, 1]), torch.tensor([[0, 1], [1, 0]]), T([0.0, 0.0]))
+
+
+def test_zbl_term_summary_is_learned_weight_times_molecule_zbl_energy():
+    """zbl_term_summary (what a trained DimezblNet's ZBL term adds, written as zbl_term.json) against the
+    reference pair sum: E_zbl of each molecule, its mean/std, and weight x E_zbl in Table 1's unit (meV for
+    HOMO, trained in eV); the learned weight is read from the model, not reset by the summary."""
+    from types import SimpleNamespace
+
+    names = ["CH3CH2OH", "H2O", "C6H6", "CH4"]
+    samples, reference = [], []
+    for name in names:
+        atoms = molecule(name)
+        z_np, pos = atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64)
+        samples.append(SimpleNamespace(z=Z(z_np), pos=T(pos, torch.float32)))
+        pos = pos.astype(np.float32).astype(np.float64)  # the positions the model sees
+        reference.append(sum(switched_ref(z_np[i], z_np[j], np.linalg.norm(pos[i] - pos[j]), "cutoff")[0]
+                             for i, j in itertools.combinations(range(len(z_np)), 2)
+                             if np.linalg.norm(pos[i] - pos[j]) <= 5.0))
+    reference = np.array(reference)
+    model = dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=True, zbl_learnable_scale=True)
+    with torch.no_grad():
+        model.zbl.scale.fill_(-0.003)
+    data = SimpleNamespace(config=SimpleNamespace(dataset="qm9", target="homo"), test=samples)
+    term = dc.zbl_term_summary(model, data, "test")
+    assert term["n_molecules"] == len(names) and term["zbl_weight_learned"]
+    np.testing.assert_allclose(term["zbl_weight"], -0.003, rtol=1e-6)
+    np.testing.assert_allclose(term["zbl_energy"]["mean"], reference.mean(), rtol=1e-6)
+    np.testing.assert_allclose(term["zbl_energy"]["std"], reference.std(), rtol=1e-5)
+    assert term["zbl_energy"]["unit"] == "eV" and term["contribution"]["unit"] == "meV"
+    weight = float(np.float32(-0.003))
+    np.testing.assert_allclose(term["contribution"]["mean"], 1000 * weight * reference.mean(), rtol=1e-6)
+    np.testing.assert_allclose(term["contribution"]["std"], 1000 * abs(weight) * reference.std(), rtol=1e-5)
+    assert model.zbl.scale.item() == pytest.approx(-0.003)  # the model's own weight is untouched
+    with pytest.raises(ValueError, match="no ZBL term"):
+        dc.zbl_term_summary(dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=False), data, "test")
