@@ -1247,35 +1247,39 @@ class DimezblNet(nn.Module):
                 f"{float(dist[e]):.3g} A < {MIN_PAIR_DISTANCE_A} A"
             )
 
+    def _geometry_parts(self, pos, i, j, idx_i, idx_k, idx_kj, idx_ji):
+        """(dist [E], cos_angle [T], vec [E, 3], a, b [T, 3], |a|, |b| [T]): edge lengths (Angstrom)
+        and triplet angle cosines with the vectors they come from; vec = R_i - R_j for edge j->i,
+        cos_angle = a.b / (|a| |b|)."""
+        vec = pos[i] - pos[j]
+        dist = vec.norm(dim=-1)
+        a, norm_a = vec[idx_ji], dist[idx_ji]
+        if self.variant == "dimenet":  # angle between R_j - R_i and R_k - R_i: a = R_i - R_j, b = R_i - R_k
+            b = pos[idx_i] - pos[idx_k]
+            norm_b = b.norm(dim=-1)
+        else:  # DimeNet++: angle between R_i - R_j and R_j - R_k
+            b, norm_b = vec[idx_kj], dist[idx_kj]
+        cos_angle = (a * b).sum(-1) / (norm_a * norm_b)
+        return dist, cos_angle, vec, a, b, norm_a, norm_b
+
     def _geometry(self, pos, i, j, idx_i, idx_k, idx_kj, idx_ji) -> Tuple[Tensor, Tensor]:
         """Edge lengths [E] (Angstrom) and the cosines of the triplet angles [T]."""
-        vec = pos[i] - pos[j]  # R_i - R_j for edge j->i, [E, 3]
-        dist = vec.norm(dim=-1)
-        if self.variant == "dimenet":  # angle between R_j - R_i and R_k - R_i
-            vec_ki = pos[idx_k] - pos[idx_i]
-            cos_angle = -(vec[idx_ji] * vec_ki).sum(-1) / (dist[idx_ji] * vec_ki.norm(dim=-1))
-        else:  # DimeNet++: angle between R_i - R_j and R_j - R_k
-            cos_angle = (vec[idx_ji] * vec[idx_kj]).sum(-1) / (dist[idx_ji] * dist[idx_kj])
-        return dist, cos_angle
+        return self._geometry_parts(pos, i, j, idx_i, idx_k, idx_kj, idx_ji)[:2]
 
     def _geometry_first_order(self, pos, i, j, idx_i, idx_k, idx_kj, idx_ji) -> Tuple[Tensor, Tensor]:
         """`_geometry` as its values at the detached positions plus their first-order change in
         pos - pos.detach() (zero in value): exact first derivatives in pos, none higher (see
         `first_order`)."""
         with torch.no_grad():
-            p0 = pos.detach()
-            dist0, cos0 = self._geometry(p0, i, j, idx_i, idx_k, idx_kj, idx_ji)
-            vec = p0[i] - p0[j]
-            a = vec[idx_ji]
-            b = -(p0[idx_k] - p0[idx_i]) if self.variant == "dimenet" else vec[idx_kj]
-            norm_a, norm_b = dist0[idx_ji], b.norm(dim=-1)
+            dist0, cos0, vec, a, b, norm_a, norm_b = self._geometry_parts(pos.detach(), i, j, idx_i, idx_k,
+                                                                          idx_kj, idx_ji)
             # d cos(a, b) / da = b / (|a| |b|) - cos a / |a|^2, and the same with a and b swapped
             grad_a = b / (norm_a * norm_b)[:, None] - (cos0 / norm_a**2)[:, None] * a
             grad_b = a / (norm_a * norm_b)[:, None] - (cos0 / norm_b**2)[:, None] * b
             unit = vec / dist0[:, None]
         delta = pos - pos.detach()  # zero, with pos's graph
         delta_vec = delta[i] - delta[j]
-        delta_b = -(delta[idx_k] - delta[idx_i]) if self.variant == "dimenet" else delta_vec[idx_kj]
+        delta_b = delta[idx_i] - delta[idx_k] if self.variant == "dimenet" else delta_vec[idx_kj]
         dist = dist0 + (unit * delta_vec).sum(-1)
         cos_angle = cos0 + (grad_a * delta_vec[idx_ji]).sum(-1) + (grad_b * delta_b).sum(-1)
         return dist, cos_angle
@@ -1347,12 +1351,18 @@ class DimezblNet(nn.Module):
         order exact."""
         if self.out_channels != 1:
             raise ValueError("forces need a scalar energy model (out_channels = 1)")
-        own_leaf = not pos.requires_grad
-        if own_leaf:
-            pos = pos.detach().requires_grad_(True)
-        energy = self(z, pos, batch, pos_first_order=own_leaf and create_graph)
-        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-        return energy, -grad
+        return _module_energy_and_forces(self, z, pos, batch, create_graph)
+
+
+def _module_energy_and_forces(module, z: Tensor, pos: Tensor, batch: Optional[Tensor], create_graph: bool):
+    """`DimezblNet.energy_and_forces` through `module`'s forward (a DimezblNet, or one wrapped by DDP,
+    which must be called through its forward)."""
+    own_leaf = not pos.requires_grad
+    if own_leaf:
+        pos = pos.detach().requires_grad_(True)
+    energy = module(z, pos, batch, pos_first_order=own_leaf and create_graph)
+    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+    return energy, -grad
 
 
 def load_pyg_dimenet_state_dict(model: DimezblNet, state_dict: dict) -> DimezblNet:
@@ -2790,10 +2800,7 @@ def _energy_and_forces(module, batch: Batch, need_forces: bool, create_graph: bo
     a leaf of this function's own, so force training linearises the bases in it (`first_order`)."""
     if not need_forces:
         return module(batch.z, batch.pos, batch.batch), None
-    pos = batch.pos.detach().requires_grad_(True)
-    energy = module(batch.z, pos, batch.batch, pos_first_order=create_graph)
-    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-    return energy, -grad
+    return _module_energy_and_forces(module, batch.z, batch.pos.detach(), batch.batch, create_graph)
 
 
 def compute_loss(module, batch: Batch, config: TrainConfig, amp: bool = False):
