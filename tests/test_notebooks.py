@@ -284,6 +284,16 @@ def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
         assert row["dimenet_test_energy_mae"] == runs.loc[(target, "dimenet"), "test_energy_mae"]
     assert table.loc["U0", "zbl_weight"] == 1.0 and table.loc["U0", "unit"] == "meV"
     assert table.loc["mu", "zbl_weight"] != 0.0  # learned from 0 in the 4 steps (Adam moves it at once)
+    # `zbl-term` (for runs that finished before train() wrote the file) gives what train() wrote
+    run_dir = reproduced / table.loc["mu", "run_dir"]
+    at_finish = json.loads((run_dir / dc.ZBL_TERM_FILE).read_text())
+    assert dc.main(["zbl-term", str(run_dir)]) == 0
+    again = json.loads((run_dir / dc.ZBL_TERM_FILE).read_text())
+    assert again["n_molecules"] == at_finish["n_molecules"] and again["zbl_weight"] == at_finish["zbl_weight"]
+    for part in ("zbl_energy", "contribution"):
+        assert again[part]["unit"] == at_finish[part]["unit"]
+        for key in ("mean", "std"):
+            assert again[part][key] == pytest.approx(at_finish[part][key], rel=1e-12)
 
 
 def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys, monkeypatch):
