@@ -3261,8 +3261,9 @@ def _write_zbl_term_file(model: DimezblNet, data: RunData, run_dir: Path, subset
 
 def zbl_terms(runs: pd.DataFrame, results_dir=None) -> pd.DataFrame:
     """One row per DimezblNet run of a `collect_runs` table: the learned ZBL weight and what the
-    term adds (from each run's zbl_term.json) beside the run's test MAE and the DimeNet test MAE
-    of the same seed. Runs without zbl_term.json get NaN (write it with `write_zbl_term`)."""
+    term adds (from each run's zbl_term.json) beside the run's test MAE, the DimeNet test MAE of
+    the same seed and the MAE of predicting the training mean (how much the target itself varies).
+    Runs without zbl_term.json get NaN (write it with `write_zbl_term`)."""
     rows = []
     for run in runs[runs["model"].str.startswith("dimezblnet")].itertuples(index=False):
         path = results_path(results_dir, run.run_dir, ZBL_TERM_FILE)
@@ -3279,6 +3280,7 @@ def zbl_terms(runs: pd.DataFrame, results_dir=None) -> pd.DataFrame:
             "contribution_std": term["contribution"]["std"] if term else math.nan,
             "test_energy_mae": run.test_energy_mae,
             "dimenet_test_energy_mae": float(dimenet.iloc[0]) if len(dimenet) else math.nan,
+            "mean_predictor_energy_mae": run.mean_predictor_energy_mae,
             "unit": run.energy_unit, "run_dir": run.run_dir,
         })  # fmt: skip
     return pd.DataFrame(rows)

@@ -268,8 +268,8 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
 
 
 def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
-    """train() writes zbl_term.json for DimezblNet runs; notebook 03 gathers them into tables/zbl_term_qm9.csv
-    beside the test MAEs of the same runs (U0: fixed weight 1; mu: the learned weight)."""
+    """train() writes zbl_term.json for DimezblNet runs; notebooks 03 and 04 gather them into
+    tables/zbl_term_{qm9,md17}.csv beside the test MAEs of the same runs (U0, MD17: fixed weight 1; mu: learned)."""
     table = pd.read_csv(reproduced / "tables" / "zbl_term_qm9.csv").set_index("target")
     assert sorted(table.index) == sorted(QM9_TARGETS)
     runs = dc.collect_runs("smoke", "qm9", reproduced).set_index(["target", "model"])
@@ -282,8 +282,13 @@ def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
         assert term["n_molecules"] == TINY_TRAINING["n_test"] and term["zbl_energy"]["mean"] > 1.0  # eV
         assert row["test_energy_mae"] == runs.loc[(target, "dimezblnet"), "test_energy_mae"]
         assert row["dimenet_test_energy_mae"] == runs.loc[(target, "dimenet"), "test_energy_mae"]
+        assert row["mean_predictor_energy_mae"] == runs.loc[(target, "dimezblnet"), "mean_predictor_energy_mae"]
     assert table.loc["U0", "zbl_weight"] == 1.0 and table.loc["U0", "unit"] == "meV"
     assert table.loc["mu", "zbl_weight"] != 0.0  # learned from 0 in the 4 steps (Adam moves it at once)
+    md17 = pd.read_csv(reproduced / "tables" / "zbl_term_md17.csv")
+    assert list(md17["target"]) == MD17_MOLECULES and (md17["zbl_weight"] == 1.0).all()
+    assert (md17["unit"] == "kcal/mol").all() and (md17["zbl_energy_unit"] == "kcal/mol").all()
+    assert (md17["contribution_mean"] == md17["zbl_energy_mean"]).all() and (md17["zbl_energy_std"] > 0).all()
     # `zbl-term` (for runs that finished before train() wrote the file) gives what train() wrote
     run_dir = reproduced / table.loc["mu", "run_dir"]
     at_finish = json.loads((run_dir / dc.ZBL_TERM_FILE).read_text())
