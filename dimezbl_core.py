@@ -3267,7 +3267,9 @@ def zbl_terms(runs: pd.DataFrame, results_dir=None) -> pd.DataFrame:
     rows = []
     for run in runs[runs["model"].str.startswith("dimezblnet")].itertuples(index=False):
         path = results_path(results_dir, run.run_dir, ZBL_TERM_FILE)
-        term = json.loads(path.read_text()) if path.exists() else None
+        fix = (f"restore it from git or write it again from the run's best checkpoint: python dimezbl_core.py "
+               f"zbl-term {path.parent}")
+        term = _read_run_file(path, fix) if path.exists() else None
         dimenet = runs[(runs["target"] == run.target) & (runs["seed"] == run.seed)
                        & (runs["model"] == run.model.replace("dimezblnet", "dimenet"))]["test_energy_mae"]
         rows.append({
@@ -3673,12 +3675,22 @@ def _run_git(provenance: dict) -> Tuple[Optional[str], Optional[bool]]:
     return commits, dirty
 
 
+def _read_run_file(path: Path, fix: str) -> dict:
+    """A JSON file of a run directory; unreadable or not JSON: an error naming the file and `fix`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt ({error}): {fix}") from None
+
+
 def _run_row(run_dir: Path, results_dir) -> dict:
     """One run's record from its metrics.json, config.json and provenance.json."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
+    retrain = (f"restore it from git (git checkout -- {run_dir}) or train the run again (delete {run_dir}, "
+               "then run_models)")
+    metrics = _read_run_file(run_dir / "metrics.json", retrain)
+    config = _read_run_file(run_dir / "config.json", retrain)
     provenance_path = run_dir / "provenance.json"
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+    provenance = _read_run_file(provenance_path, retrain) if provenance_path.exists() else {}
     model = TrainConfig.from_dict(config).model_name  # dimenet, dimezblnet (+ _pp for DimeNet++)
     test, valid = metrics["test"], metrics["valid"]
     baseline, units = metrics.get("test_mean_predictor", {}), metrics.get("units", {})

@@ -301,6 +301,21 @@ def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
             assert again[part][key] == pytest.approx(at_finish[part][key], rel=1e-12)
 
 
+def test_corrupt_run_files_are_errors_that_name_the_file_and_the_fix(reproduced, tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduced / "runs", results / "runs")
+    runs = dc.collect_runs("smoke", "qm9", results)
+    run_dir = results / runs[runs["model"] == "dimezblnet"]["run_dir"].iloc[0]
+    (run_dir / dc.ZBL_TERM_FILE).write_text('{"zbl_weight": 0.1, "zbl_ener')  # cut short
+    with pytest.raises(ValueError, match=r"zbl_term\.json is corrupt .*dimezbl_core\.py zbl-term"):
+        dc.zbl_terms(runs, results)
+    (run_dir / "metrics.json").write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ValueError, match=r"metrics\.json is corrupt .*git checkout"):
+        dc.collect_runs("smoke", "qm9", results)
+
+
 def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced, tmp_path, capsys, monkeypatch):
     """Runs committed by an earlier session have metrics but no checkpoints: reuse_committed=True
     takes them as they are (no training, no data generation) and predict_runs leaves them out;
