@@ -2677,9 +2677,13 @@ def collate(samples, target_index: Optional[int] = None, offset=(0.0, 0.0)) -> B
 
 
 @torch.no_grad()
-def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256) -> Tensor:
-    """float64 [B]: the (switched) ZBL energy of each molecule in the ZBL module's unit."""
+def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256, unit_weight: bool = False) -> Tensor:
+    """float64 [B]: the (switched) ZBL energy of each molecule in the ZBL module's unit, times the
+    module's weight (`scale`), or times 1 with unit_weight (E_zbl itself, whatever was learned)."""
     zbl = copy.deepcopy(zbl).cpu().double()
+    if unit_weight:
+        with torch.no_grad():
+            zbl.scale.fill_(1.0)
     energies = []
     for start in range(0, len(samples), chunk):
         part = samples[start:start + chunk]
@@ -3224,10 +3228,8 @@ def zbl_term_summary(model: DimezblNet, data: RunData, subset: str = "test") -> 
     if subset not in ("train", "valid", "test"):
         raise ValueError(f"unknown subset {subset!r}: use 'train', 'valid' or 'test'")
     part = getattr(data, subset)
-    unit_zbl = copy.deepcopy(model.zbl)
-    with torch.no_grad():
-        unit_zbl.scale.fill_(1.0)  # E_zbl itself; the learned weight multiplies it below
-    zbl_energy = molecule_zbl_energies([part[i] for i in range(len(part))], unit_zbl).numpy()  # float64
+    # E_zbl itself (float64); the weight multiplies it below
+    zbl_energy = molecule_zbl_energies([part[i] for i in range(len(part))], model.zbl, unit_weight=True).numpy()
     weight = float(model.zbl.scale.detach())
     contribution = weight * zbl_energy  # the target's training unit
     if data.config.dataset == "qm9":
