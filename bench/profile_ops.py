@@ -11,11 +11,12 @@ summed op time, then the op groups (aten op name and the shape of its first tens
 of the batch's sizes N atoms / E edges / T triplets its leading dimension is) with the most time.
 
 Run: .venv/bin/python bench/profile_ops.py [--models ours_dimenetpp pyg_dimenetpp] [--kind force_train_step]
-     [--workload qm9] [--repeat 3] [--top 30]
+     [--workload qm9] [--repeat 3] [--top 30] [--out results/benchmark/profile_<workload>_<kind>.txt]
 Pause other jobs on the machine while it runs; the numbers are per step of a batch of 32 molecules.
 """
 import argparse
 import collections
+import os
 import statistics
 import time
 
@@ -72,14 +73,22 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", help="also write the output, under a provenance header (command, commit, date, "
+                                      "machine, load), to this text file")
     args = parser.parse_args(argv)
-    print(bench.settle_allocator("reuse"))
+    lines = []
+
+    def emit(text=""):
+        emit(text, flush=True)
+        lines.extend(str(text).split("\n"))
+
+    emit(bench.settle_allocator("reuse"))
     if args.threads:
         torch.set_num_threads(args.threads)
     bench.patch_pyg("cached")
     entries = bench.build_models(torch.device("cpu"))
     workload = (bench.qm9_workload if args.workload == "qm9" else bench.md17_workload)(args.batch_size)
-    print(f"{args.workload}: {workload.stats}; {torch.get_num_threads()} threads; {args.kind}")
+    emit(f"{args.workload}: {workload.stats}; {torch.get_num_threads()} threads; {args.kind}")
     classify = shape_classifier(workload.stats)
     for key in args.models:
         step = bench.make_step(entries[key], workload, args.kind)
@@ -101,16 +110,31 @@ def main(argv=None):
         calls = timers[0].calls
         n = len(timers)
         op_sum = statistics.median(sum(t.seconds.values()) for t in timers)
-        print(f"\n== {entries[key].label}: step {statistics.median(w[0] for w in walls) * 1e3:.0f} ms "
+        emit(f"\n== {entries[key].label}: step {statistics.median(w[0] for w in walls) * 1e3:.0f} ms "
               f"(under the timer {statistics.median(w[1] for w in walls) * 1e3:.0f} ms, op sum "
               f"{op_sum * 1e3:.0f} ms, {sum(calls.values())} aten calls)")
         by_op = collections.Counter()
         for (op, _), seconds in total.items():
             by_op[op] += seconds / n
-        print("   by op: " + ", ".join(f"{op} {s * 1e3:.0f}" for op, s in by_op.most_common(15)))
-        print(f"   {'ms':>7} {'calls':>6}  op, first tensor argument")
+        emit("   by op: " + ", ".join(f"{op} {s * 1e3:.0f}" for op, s in by_op.most_common(15)))
+        emit(f"   {'ms':>7} {'calls':>6}  op, first tensor argument")
         for (op, shape), seconds in total.most_common(args.top):
-            print(f"   {seconds / n * 1e3:7.1f} {calls[(op, shape)]:6d}  {op} {shape}")
+            emit(f"   {seconds / n * 1e3:7.1f} {calls[(op, shape)]:6d}  {op} {shape}")
+    if args.out:
+        write_output(args.out, lines, bench.provenance(argparse.Namespace(pyg_graph="cached"), torch.device("cpu")))
+
+
+def write_output(path, lines, info) -> None:
+    """The printed lines under a '# key: value' provenance header, written to a temporary name and renamed."""
+    info = dict(info, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
+                note="times per step in ms: medians of the timed steps after 1 warm-up")
+    header = [f"# {key}: {value}" for key, value in info.items()]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as out:
+        out.write("\n".join(header + lines) + "\n")
+    os.replace(tmp, path)
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

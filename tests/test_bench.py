@@ -1,5 +1,7 @@
-"""The op timer of bench/profile_ops.py sees every aten call, the autograd engine's included."""
+"""bench/: the op timer of profile_ops.py sees every aten call (the autograd engine's included), its output file, and
+the paired ratio of bench_dimenet.py."""
 import os
+import statistics
 import sys
 
 import torch
@@ -20,3 +22,32 @@ def test_op_timer_counts_forward_and_backward_calls_by_shape_class():
     assert all(seconds >= 0 for seconds in timer.seconds.values())
     assert set(timer.seconds) == set(timer.calls)
     torch.testing.assert_close(a.grad, torch.ones(5, 2) @ b.t())
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from bench_dimenet import paired_ratio
+
+    # round 2 ran under load: both calls slowed alike, so its ratio is unchanged and the median ignores the rest
+    ours = [1.0, 3.0, 1.0]
+    pyg = [1.5, 4.5, 1.6]
+    assert paired_ratio(ours, pyg) == 1.5
+    assert statistics.median(pyg) / statistics.median(ours) == 1.6  # the ratio of medians pairs round 1 with 3
+    try:
+        paired_ratio([], [])
+    except ValueError as error:
+        assert "at least one timed round" in str(error)
+    else:
+        raise AssertionError("no rounds must be an error")
+
+
+def test_profile_output_file_has_provenance_header_and_the_printed_lines(tmp_path):
+    from profile_ops import write_output
+
+    path = tmp_path / "sub" / "profile.txt"
+    write_output(str(path), ["== ours DimeNet++: step 610 ms", "   by op: mm 275"],
+                 {"git_commit": "abc123", "git_dirty": False, "command": "bench/profile_ops.py --out x"})
+    lines = path.read_text().splitlines()
+    assert lines[:3] == ["# git_commit: abc123", "# git_dirty: False", "# command: bench/profile_ops.py --out x"]
+    assert any(line.startswith("# loadavg_at_end: [") for line in lines)
+    assert lines[-2:] == ["== ours DimeNet++: step 610 ms", "   by op: mm 275"]
+    assert not list(path.parent.glob("*.tmp"))
