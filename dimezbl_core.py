@@ -3286,15 +3286,34 @@ def zbl_terms(runs: pd.DataFrame, results_dir=None) -> pd.DataFrame:
             "dimenet_test_energy_mae": float(dimenet.iloc[0]) if len(dimenet) else math.nan,
             "mean_predictor_energy_mae": run.mean_predictor_energy_mae,
             "unit": run.energy_unit, "run_dir": run.run_dir,
+            "zbl_term_commit": term["git"]["commit"] if term and term.get("git") else None,
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def zbl_terms_header(dataset: str) -> list:
+    """The provenance block of tables/zbl_term_<dataset>.csv (written as '# ' lines)."""
+    structures = "molecules" if dataset == "qm9" else "configurations"
+    return [
+        f"ZBL term of each DimezblNet run ({dataset}): the ZBL weight (fixed 1 or learned), E_ZBL of the test "
+        f"{structures} (mean, std over them; zbl_energy_unit) and weight x E_ZBL (contribution; unit), from each "
+        "run's zbl_term.json (best checkpoint, EMA weights)",
+        "Beside it: the run's test energy MAE, DimeNet's test MAE with the same seed and the MAE of predicting the "
+        "training mean (unit)",
+        "NaN: the run has no zbl_term.json (its checkpoint was not on the machine that wrote the table); write it "
+        "with: python dimezbl_core.py zbl-term RUN_DIR",
+        f"Git commit that computed each row: column zbl_term_commit; table written at {git_state().get('commit')}",
+        f"Written: {time.strftime('%Y-%m-%d %H:%M:%S %z')} on {platform.node() or '?'}",
+    ]
+
+
 def write_zbl_terms(runs: pd.DataFrame, dataset: str, results_dir=None) -> pd.DataFrame:
-    """`zbl_terms` of a dataset's runs, written atomically to <results_dir>/tables/zbl_term_<dataset>.csv."""
+    """`zbl_terms` of a dataset's runs, written atomically to <results_dir>/tables/zbl_term_<dataset>.csv
+    under a '# ' provenance block (`zbl_terms_header`; read it back with pandas.read_csv(path, comment='#'))."""
     table = zbl_terms(runs[runs["dataset"] == dataset], results_dir)
+    header = "".join(f"# {line}\n" for line in zbl_terms_header(dataset))
     _atomic_write_bytes(results_path(results_dir, "tables", f"zbl_term_{dataset}.csv"),
-                        table.to_csv(index=False).encode("utf-8"))
+                        (header + table.to_csv(index=False)).encode("utf-8"))
     return table
 
 

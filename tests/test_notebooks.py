@@ -270,7 +270,9 @@ def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
 def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
     """train() writes zbl_term.json for DimezblNet runs; notebooks 03 and 04 gather them into
     tables/zbl_term_{qm9,md17}.csv beside the test MAEs of the same runs (U0, MD17: fixed weight 1; mu: learned)."""
-    table = pd.read_csv(reproduced / "tables" / "zbl_term_qm9.csv").set_index("target")
+    text = (reproduced / "tables" / "zbl_term_qm9.csv").read_text()
+    assert text.startswith("# ZBL term of each DimezblNet run (qm9)") and "\n# Git commit that computed" in text
+    table = pd.read_csv(reproduced / "tables" / "zbl_term_qm9.csv", comment="#").set_index("target")
     assert sorted(table.index) == sorted(QM9_TARGETS)
     runs = dc.collect_runs("smoke", "qm9", reproduced).set_index(["target", "model"])
     for target in QM9_TARGETS:
@@ -280,12 +282,13 @@ def test_every_dimezblnet_run_records_what_its_zbl_term_adds(reproduced):
         assert row["contribution_mean"] == pytest.approx(dc.qm9_to_reporting_units(
             term["zbl_weight"] * term["zbl_energy"]["mean"], target), rel=1e-9)
         assert term["n_molecules"] == TINY_TRAINING["n_test"] and term["zbl_energy"]["mean"] > 1.0  # eV
+        assert row["zbl_term_commit"] == term["git"]["commit"]
         assert row["test_energy_mae"] == runs.loc[(target, "dimezblnet"), "test_energy_mae"]
         assert row["dimenet_test_energy_mae"] == runs.loc[(target, "dimenet"), "test_energy_mae"]
         assert row["mean_predictor_energy_mae"] == runs.loc[(target, "dimezblnet"), "mean_predictor_energy_mae"]
     assert table.loc["U0", "zbl_weight"] == 1.0 and table.loc["U0", "unit"] == "meV"
     assert table.loc["mu", "zbl_weight"] != 0.0  # learned from 0 in the 4 steps (Adam moves it at once)
-    md17 = pd.read_csv(reproduced / "tables" / "zbl_term_md17.csv")
+    md17 = pd.read_csv(reproduced / "tables" / "zbl_term_md17.csv", comment="#")
     assert list(md17["target"]) == MD17_MOLECULES and (md17["zbl_weight"] == 1.0).all()
     assert (md17["unit"] == "kcal/mol").all() and (md17["zbl_energy_unit"] == "kcal/mol").all()
     assert (md17["contribution_mean"] == md17["zbl_energy_mean"]).all() and (md17["zbl_energy_std"] > 0).all()
