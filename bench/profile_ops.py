@@ -64,6 +64,17 @@ def shape_classifier(stats):
     return classify
 
 
+class Output:
+    """Prints each text (flushed) and keeps its lines, for --out."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text=""):
+        print(text, flush=True)
+        self.lines.extend(str(text).split("\n"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["ours_dimenetpp", "pyg_dimenetpp"])
@@ -76,12 +87,7 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the output, under a provenance header (command, commit, date, "
                                       "machine, load), to this text file")
     args = parser.parse_args(argv)
-    lines = []
-
-    def emit(text=""):
-        emit(text, flush=True)
-        lines.extend(str(text).split("\n"))
-
+    emit = Output()
     emit(bench.settle_allocator("reuse"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +127,7 @@ def main(argv=None):
         for (op, shape), seconds in total.most_common(args.top):
             emit(f"   {seconds / n * 1e3:7.1f} {calls[(op, shape)]:6d}  {op} {shape}")
     if args.out:
-        write_output(args.out, lines, bench.provenance(argparse.Namespace(pyg_graph="cached"), torch.device("cpu")))
+        write_output(args.out, emit.lines, bench.provenance(argparse.Namespace(pyg_graph="cached"), torch.device("cpu")))
 
 
 def write_output(path, lines, info) -> None:

@@ -4,6 +4,7 @@ import os
 import statistics
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -32,12 +33,8 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     pyg = [1.5, 4.5, 1.6]
     assert paired_ratio(ours, pyg) == 1.5
     assert statistics.median(pyg) / statistics.median(ours) == 1.6  # the ratio of medians pairs round 1 with 3
-    try:
+    with pytest.raises(ValueError, match="at least one timed round"):
         paired_ratio([], [])
-    except ValueError as error:
-        assert "at least one timed round" in str(error)
-    else:
-        raise AssertionError("no rounds must be an error")
 
 
 def test_profile_output_file_has_provenance_header_and_the_printed_lines(tmp_path):
@@ -51,3 +48,13 @@ def test_profile_output_file_has_provenance_header_and_the_printed_lines(tmp_pat
     assert any(line.startswith("# loadavg_at_end: [") for line in lines)
     assert lines[-2:] == ["== ours DimeNet++: step 610 ms", "   by op: mm 275"]
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_profile_output_prints_and_keeps_every_line(capsys):
+    from profile_ops import Output
+
+    emit = Output()
+    emit("\n== ours DimeNet++: step 610 ms")
+    emit("   by op: mm 275")
+    assert emit.lines == ["", "== ours DimeNet++: step 610 ms", "   by op: mm 275"]
+    assert capsys.readouterr().out == "\n== ours DimeNet++: step 610 ms\n   by op: mm 275\n"
