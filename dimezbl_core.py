@@ -3029,9 +3029,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> 
              "train_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0, "segments": []}  # fmt: skip
     if resume and last_path.exists():
         checkpoint = load_checkpoint(last_path)
-        if checkpoint["config"] != config.to_dict():
+        if _config_mismatch(checkpoint["config"], config) or checkpoint["config"]["device"] != config.device:
             raise ValueError(f"{last_path} was written with another config; use another run "
                              "directory or delete the checkpoint to start over")
+        if rank == 0:  # a resumed run is unfinished: metrics of an earlier stop (by max_wall_s) are stale
+            (run_dir / "metrics.json").unlink(missing_ok=True)
         model.load_state_dict(checkpoint["model"])
         ema.shadow = checkpoint["ema"]
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -3494,6 +3496,9 @@ MODEL_ZBL = {"dimenet": False, "dimezblnet": True}  # TrainConfig.model_name -> 
 MODEL_LABELS = {"dimenet": "DimeNet", "dimezblnet": "DimezblNet"}
 # Config fields that do not change what a finished run measured (out_dir: results may move).
 _IGNORED_WHEN_REUSING = ("device", "out_dir")
+# Safety stops: a run that did not stop by one is the same run under any other value of it, so a
+# finished run is reused, and an unfinished one resumed, when only these differ.
+_SAFETY_LIMITS = ("max_wall_s",)
 
 
 def generated_md17_path(molecule: str, profile: str, data_dir=None) -> Path:
@@ -3549,11 +3554,13 @@ def ensure_md17_data(molecule: str, n_configs: int, data_dir=None, progress: boo
         torch.set_num_threads(torch_threads)
 
 
-def _config_mismatch(stored: dict, config: TrainConfig) -> list:
-    """Fields in which a run directory's config.json differs from `config`."""
-    wanted = config.to_dict()
+def _config_mismatch(stored: dict, config: TrainConfig, stop_reason: Optional[str] = None) -> list:
+    """Fields in which a run directory's config.json differs from `config`. A safety limit
+    (_SAFETY_LIMITS: max_wall_s) counts only for a run that stopped by it (stop_reason)."""
+    wanted = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    ignored = _IGNORED_WHEN_REUSING + (() if stop_reason in _SAFETY_LIMITS else _SAFETY_LIMITS)
     return sorted(key for key in set(stored) | set(wanted)
-                  if key not in _IGNORED_WHEN_REUSING and stored.get(key) != wanted.get(key))
+                  if key not in ignored and stored.get(key) != wanted.get(key))
 
 
 def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Optional[Sequence[int]] = None,
@@ -3616,7 +3623,15 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
             stored_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
             resume = True
             if stored_path.exists():
-                mismatch = _config_mismatch(json.loads(stored_path.read_text()), config)
+                stop_reason = (_read_run_file(metrics_path, "restore it from git or train the run again").get(
+                    "stop_reason") if metrics_path.exists() else None)
+                mismatch = _config_mismatch(json.loads(stored_path.read_text()), config, stop_reason)
+                if mismatch == ["max_wall_s"] and (run_dir / "checkpoint_last.pt").exists():
+                    # stopped by the old safety limit: continue it from its last checkpoint under the new one
+                    print(f"continuing {_relative_to_results(run_dir, results_dir)} (stopped by max_wall_s) "
+                          f"with max_wall_s={config.max_wall_s}", flush=True)
+                    to_train.append((config, True))
+                    continue
                 if mismatch and not overwrite:
                     raise ValueError(
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "

@@ -282,6 +282,40 @@ def test_run_models_command_line_trains_seed_by_seed_and_reuses(tmp_path, capsys
         dc.main(["run-models", "--dataset", "qm9", "--targets", "U0", "--models", "schnet"])
 
 
+def test_max_wall_s_is_a_safety_limit_raising_it_reuses_finished_runs_and_continues_stopped_ones(
+        tmp_path, capsys, keep_torch_threads):
+    """A run that stopped by max_steps is the same run under any max_wall_s: a raised limit reuses it. A run that
+    stopped by max_wall_s continues from its last checkpoint under the raised limit (and its metrics are redone)."""
+    stored = dc.TrainConfig(dataset="qm9", target="U0", max_wall_s=3600.0).to_dict()
+    raised = dc.TrainConfig(dataset="qm9", target="U0", max_wall_s=7200.0)
+    assert dc._config_mismatch(stored, raised, "max_steps") == [] and dc._config_mismatch(stored, raised) == []
+    assert dc._config_mismatch(stored, raised, "max_wall_s") == ["max_wall_s"]
+    assert dc._config_mismatch(stored, dc.TrainConfig(dataset="qm9", target="U0", max_wall_s=3600.0, seed=1),
+                               "max_steps") == ["seed"]
+    arguments = ["run-models", "--profile", "smoke", "--dataset", "qm9", "--targets", "U0", "--seeds", "0",
+                 "--results-dir", str(tmp_path), "--threads", "1", "--set", f"model={json.dumps(TINY_MODEL)}",
+                 "--set", "max_steps=2", "--set", "eval_every=2", "--set", "n_train=16", "--set", "n_valid=4",
+                 "--set", "n_test=4", "--set", "batch_size=4"]
+    assert dc.main(arguments + ["--set", "max_wall_s=3600"]) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "runs/smoke/qm9/U0/dimenet_seed0"
+    first = json.loads((run_dir / "metrics.json").read_text())
+    # as if this run had hit the limit (the other stopped by max_steps)
+    (run_dir / "metrics.json").write_text(json.dumps(dict(first, stop_reason="max_wall_s")))
+    assert dc.main(arguments + ["--set", "max_wall_s=7200"]) == 0
+    printed = capsys.readouterr().out
+    assert "continuing runs/smoke/qm9/U0/dimenet_seed0 (stopped by max_wall_s) with max_wall_s=7200" in printed
+    assert "reusing runs/smoke/qm9/U0/dimezblnet_seed0" in printed
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("trained ")] == \
+        ["runs/smoke/qm9/U0/dimenet_seed0"]
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["stop_reason"] == "max_steps" and again["test"] == first["test"]  # resumed at its last step
+    assert json.loads((run_dir / "config.json").read_text())["max_wall_s"] == 7200.0
+    # a changed budget is still a different run
+    with pytest.raises(ValueError, match="differs in max_steps"):
+        dc.main(arguments + ["--set", "max_steps=3"])
+
+
 def test_run_hardware_names_every_device_a_run_trained_on():
     """A run started on a GPU and resumed on a CPU names both in the tables; one device, once."""
     gpu = {"device": "cuda", "gpu": "NVIDIA H200", "cpu_count": 16, "torch_threads": 1}
