@@ -2682,8 +2682,7 @@ def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256, unit_weight: bool
     module's weight (`scale`), or times 1 with unit_weight (E_zbl itself, whatever was learned)."""
     zbl = copy.deepcopy(zbl).cpu().double()
     if unit_weight:
-        with torch.no_grad():
-            zbl.scale.fill_(1.0)
+        zbl.scale.fill_(1.0)
     energies = []
     for start in range(0, len(samples), chunk):
         part = samples[start:start + chunk]
@@ -3029,7 +3028,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> 
              "train_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0, "segments": []}  # fmt: skip
     if resume and last_path.exists():
         checkpoint = load_checkpoint(last_path)
-        if _config_mismatch(checkpoint["config"], config) or checkpoint["config"]["device"] != config.device:
+        if _config_mismatch(checkpoint["config"], config):  # what a finished run may differ in, too
             raise ValueError(f"{last_path} was written with another config; use another run "
                              "directory or delete the checkpoint to start over")
         if rank == 0:  # a resumed run is unfinished: metrics of an earlier stop (by max_wall_s) are stale
@@ -3557,7 +3556,7 @@ def ensure_md17_data(molecule: str, n_configs: int, data_dir=None, progress: boo
 def _config_mismatch(stored: dict, config: TrainConfig, stop_reason: Optional[str] = None) -> list:
     """Fields in which a run directory's config.json differs from `config`. A safety limit
     (_SAFETY_LIMITS: max_wall_s) counts only for a run that stopped by it (stop_reason)."""
-    wanted = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    wanted = config.to_dict()
     ignored = _IGNORED_WHEN_REUSING + (() if stop_reason in _SAFETY_LIMITS else _SAFETY_LIMITS)
     return sorted(key for key in set(stored) | set(wanted)
                   if key not in ignored and stored.get(key) != wanted.get(key))
@@ -3626,10 +3625,10 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                 stop_reason = (_read_run_file(metrics_path, "restore it from git or train the run again").get(
                     "stop_reason") if metrics_path.exists() else None)
                 mismatch = _config_mismatch(json.loads(stored_path.read_text()), config, stop_reason)
-                if mismatch == ["max_wall_s"] and (run_dir / "checkpoint_last.pt").exists():
+                if mismatch and set(mismatch) <= set(_SAFETY_LIMITS) and (run_dir / "checkpoint_last.pt").exists():
                     # stopped by the old safety limit: continue it from its last checkpoint under the new one
-                    print(f"continuing {_relative_to_results(run_dir, results_dir)} (stopped by max_wall_s) "
-                          f"with max_wall_s={config.max_wall_s}", flush=True)
+                    print(f"continuing {_relative_to_results(run_dir, results_dir)} (stopped by {stop_reason}) "
+                          f"with {stop_reason}={getattr(config, stop_reason)}", flush=True)
                     to_train.append((config, True))
                     continue
                 if mismatch and not overwrite:

@@ -314,6 +314,10 @@ def test_max_wall_s_is_a_safety_limit_raising_it_reuses_finished_runs_and_contin
     # a changed budget is still a different run
     with pytest.raises(ValueError, match="differs in max_steps"):
         dc.main(arguments + ["--set", "max_steps=3"])
+    # and train() does not resume a checkpoint under a changed budget (a changed limit it does, above)
+    stored = json.loads((run_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="written with another config"):
+        dc.train(dc.TrainConfig(**dict(stored, max_steps=3)), resume=True, progress=False, run_dir=run_dir)
 
 
 def test_run_hardware_names_every_device_a_run_trained_on():
