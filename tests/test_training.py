@@ -67,6 +67,16 @@ def test_profiles_are_named_configs():
         dc.TrainConfig.from_dict({"learning_rat": 1})
 
 
+def test_integer_overrides_of_float_fields_are_stored_as_floats():
+    """`--set max_wall_s=7200` parses a JSON integer; config.json records 7200.0 like the profile's
+    3600.0, while integer fields and booleans keep their types."""
+    config = dc.profile_config("cpu", "md17", "ethanol", **dc.parse_set_arguments(["max_wall_s=7200"]))
+    assert config.max_wall_s == 7200.0 and type(config.max_wall_s) is float
+    config = dc.TrainConfig.from_dict({"learning_rate": 1, "max_steps": 10, "zbl": True})
+    assert type(config.learning_rate) is float and type(config.max_steps) is int and config.zbl is True
+    assert type(json.loads(json.dumps(config.to_dict()))["learning_rate"]) is float
+
+
 def test_model_dot_overrides_change_one_field_of_the_profiles_model():
     """`--set model.zbl_reach=covalent` keeps the profile's width and depth; `--set model=...`
     replaces the whole dict."""
