@@ -2461,7 +2461,7 @@ def repository_path(path) -> Optional[Path]:
 QM9_ENERGY_TARGETS = ("U0", "U", "H", "G")  # total (atomization) energies: ZBL enters in eV
 
 
-_FLOAT_TYPES = (float, Optional[float], "float", "Optional[float]")  # annotations, evaluated or not
+_FLOAT_TYPES = ("float", "Optional[float]")  # TrainConfig annotations are strings here (from __future__ import annotations)
 
 
 @dataclass
