@@ -3647,13 +3647,19 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "
                         "pass overwrite=True to train it again, or use another results_dir")
                 if not mismatch and metrics_path.exists():
-                    if (run_dir / "checkpoint_best.pt").exists():
+                    stale = ((run_dir / "checkpoint_best.pt").exists()
+                             and stale_best_checkpoint(run_dir))  # fmt: skip
+                    if (run_dir / "checkpoint_best.pt").exists() and not stale:
                         print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
                         continue
                     if reuse_committed:
+                        why = f"{stale}, not used" if stale else "its checkpoint is not here"
                         print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config; metrics "
-                              "only, its checkpoint is not here)", flush=True)
+                              f"only: {why})", flush=True)
                         continue
+                    if stale:
+                        raise ValueError(f"{stale}; delete the checkpoints of {run_dir} to train it again, "
+                                         "or pass reuse_committed=True to use its metrics only")
                 resume = not mismatch
             to_train.append((config, resume))
         if to_train and not train_missing:
@@ -3729,6 +3735,31 @@ def _read_run_file(path: Path, fix: str) -> dict:
         raise ValueError(f"{path} is corrupt ({error}): {fix}") from None
 
 
+def stale_best_checkpoint(run_dir) -> Optional[str]:
+    """Why <run_dir>/checkpoint_best.pt does not belong to the finished run recorded beside it
+    (config.json, metrics.json), or None when it does. A checkpoint is an ignored file, so it can
+    outlive the committed files of its run (a pull or checkout that replaces them): its stored
+    config must equal config.json (device, out_dir and safety limits aside) and its step the
+    best_step of metrics.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoint_best.pt"
+    checkpoint = load_checkpoint(path)
+    retrain = f"restore it from git or train the run again (delete {run_dir}, then run_models)"
+    stored = _read_run_file(run_dir / "config.json", retrain)
+    ignored = _IGNORED_WHEN_REUSING + _SAFETY_LIMITS
+    differs = sorted(key for key in set(stored) | set(checkpoint.get("config", {}))
+                     if key not in ignored and stored.get(key) != checkpoint.get("config", {}).get(key))
+    if differs:
+        return f"{path} was written by a run with another config (differs in {', '.join(differs)})"
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists() and "step" in checkpoint:
+        best_step = _read_run_file(metrics_path, retrain).get("best_step")
+        if best_step is not None and int(checkpoint["step"]) != int(best_step):
+            return (f"{path} holds step {int(checkpoint['step'])}, but metrics.json's best step is "
+                    f"{best_step}: it is from another training of this run")
+    return None
+
+
 def _run_row(run_dir: Path, results_dir) -> dict:
     """One run's record from its metrics.json, config.json and provenance.json."""
     retrain = (f"restore it from git (git checkout -- {run_dir}) or train the run again (delete {run_dir}, "
@@ -3790,6 +3821,9 @@ def checkpoint_path(runs: pd.DataFrame, target: str, model: str, seed: Optional[
     path = results_path(results_dir, run_dir, "checkpoint_best.pt")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run has a metrics.json but no best checkpoint")
+    stale = stale_best_checkpoint(path.parent)
+    if stale:  # a FileNotFoundError: callers that leave out runs without checkpoints leave it out too
+        raise FileNotFoundError(f"{stale}; delete it, or train the run again, to plot its predictions")
     return path
 
 

@@ -351,6 +351,47 @@ def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced,
     assert "trained" in capsys.readouterr().out and (committed / "checkpoint_best.pt").exists()
 
 
+def test_a_best_checkpoint_of_another_training_is_not_used(reproduced, tmp_path, capsys, monkeypatch):
+    """Checkpoints are ignored files: when git replaces a run's committed config.json/metrics.json
+    (a pull bringing runs of a new budget), the old checkpoint_best.pt stays. It is recognised by
+    its stored config and step, and neither reused as the run's model nor plotted."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduced, results)
+    data_dir = str((reproduced.parent / "data").resolve())
+    run_dir = results / "runs" / "smoke" / "md17" / "ethanol" / "dimezblnet_seed0"
+    kept = results / "runs" / "smoke" / "md17" / "ethanol" / "dimenet_seed0"
+    assert dc.stale_best_checkpoint(run_dir) is None and dc.stale_best_checkpoint(kept) is None
+    path = run_dir / "checkpoint_best.pt"
+    original = dc.load_checkpoint(path)
+    dc.atomic_torch_save({**original, "step": original["step"] + 1}, path)
+    assert "best step is" in dc.stale_best_checkpoint(run_dir)
+    older = {**original, "config": {**original["config"], "max_steps": original["config"]["max_steps"] * 2}}
+    dc.atomic_torch_save(older, path)
+    assert "another config (differs in max_steps)" in dc.stale_best_checkpoint(run_dir)
+    files_before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    arguments = dict(data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32,
+                     **TINY_TRAINING)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run is not trained again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dc, "train", no_training)
+        patch.setattr(dc, "ensure_md17_data", no_training)
+        with pytest.raises(ValueError, match=r"another config \(differs in max_steps\).*reuse_committed"):
+            dc.run_models("smoke", "md17", ["ethanol"], [0], **arguments)
+        capsys.readouterr()
+        runs = dc.run_models("smoke", "md17", ["ethanol"], [0], reuse_committed=True, **arguments)
+    printed = capsys.readouterr().out
+    assert "metrics only" in printed and "not used" in printed and len(runs) == 2
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files_before
+    predictions = dc.predict_runs(runs, "test", device="cpu", results_dir=results, data_dir=data_dir)
+    assert list(predictions) == [("ethanol", "dimenet")]
+    assert "left out of the predictions" in capsys.readouterr().out
+
+
 def test_no_training_collects_finished_runs_and_names_the_rest(reproduced, tmp_path, capsys, monkeypatch):
     """train_missing=False (run-models --no-training, notebooks' train_missing parameter) trains
     nothing, also not unfinished or absent runs: they are named and left out of the result."""
