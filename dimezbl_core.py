@@ -3647,8 +3647,7 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "
                         "pass overwrite=True to train it again, or use another results_dir")
                 if not mismatch and metrics_path.exists():
-                    stale = ((run_dir / "checkpoint_best.pt").exists()
-                             and stale_best_checkpoint(run_dir))  # fmt: skip
+                    stale = (run_dir / "checkpoint_best.pt").exists() and stale_best_checkpoint(run_dir)
                     if (run_dir / "checkpoint_best.pt").exists() and not stale:
                         print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
                         continue
