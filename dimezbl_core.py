@@ -3233,7 +3233,9 @@ def zbl_term_summary(model: DimezblNet, data: RunData, subset: str = "test") -> 
     learned, starting at 0, for the other QM9 targets. Returns the weight, E_zbl's mean and std over
     the subset's molecules, and the contribution weight x E_zbl in the target's reporting unit
     (Tables 1 and 2). Set its std (over molecules) beside the test MAE: a contribution whose spread
-    is comparable to the error is not harmless, even with a weight near 0.
+    is comparable to the error is not harmless, even with a weight near 0. "Molecules" are the
+    subset's entries: QM9 molecules, or MD17 configurations of one molecule (`n_molecules` counts
+    those; the key keeps its name so that the committed zbl_term.json files stay readable).
     """
     if model.zbl is None:
         raise ValueError("this model has no ZBL term (a DimeNet run): give a DimezblNet checkpoint")
