@@ -3569,8 +3569,12 @@ def ensure_md17_data(molecule: str, n_configs: int, data_dir=None, progress: boo
 def _config_mismatch(stored: dict, config: TrainConfig, stop_reason: Optional[str] = None) -> list:
     """Fields in which a run directory's config.json differs from `config`. A safety limit
     (_SAFETY_LIMITS: max_wall_s) counts only for a run that stopped by it (stop_reason)."""
-    wanted = config.to_dict()
     ignored = _IGNORED_WHEN_REUSING + (() if stop_reason in _SAFETY_LIMITS else _SAFETY_LIMITS)
+    return _fields_differing(stored, config.to_dict(), ignored)
+
+
+def _fields_differing(stored: dict, wanted: dict, ignored: Sequence[str]) -> list:
+    """Sorted config fields whose values differ between two config dicts, `ignored` aside."""
     return sorted(key for key in set(stored) | set(wanted)
                   if key not in ignored and stored.get(key) != wanted.get(key))
 
@@ -3649,8 +3653,9 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
                         f"{run_dir} holds a run with another config (differs in {', '.join(mismatch)}); "
                         "pass overwrite=True to train it again, or use another results_dir")
                 if not mismatch and metrics_path.exists():
-                    stale = (run_dir / "checkpoint_best.pt").exists() and stale_best_checkpoint(run_dir)
-                    if (run_dir / "checkpoint_best.pt").exists() and not stale:
+                    has_best = (run_dir / "checkpoint_best.pt").exists()
+                    stale = has_best and stale_best_checkpoint(run_dir)
+                    if has_best and not stale:
                         print(f"reusing {_relative_to_results(run_dir, results_dir)} (same config)", flush=True)
                         continue
                     if reuse_committed:
@@ -3745,11 +3750,9 @@ def stale_best_checkpoint(run_dir) -> Optional[str]:
     run_dir = Path(run_dir)
     path = run_dir / "checkpoint_best.pt"
     checkpoint = load_checkpoint(path)
-    retrain = f"restore it from git or train the run again (delete {run_dir}, then run_models)"
+    retrain = _retrain_hint(run_dir)
     stored = _read_run_file(run_dir / "config.json", retrain)
-    ignored = _IGNORED_WHEN_REUSING + _SAFETY_LIMITS
-    differs = sorted(key for key in set(stored) | set(checkpoint.get("config", {}))
-                     if key not in ignored and stored.get(key) != checkpoint.get("config", {}).get(key))
+    differs = _fields_differing(stored, checkpoint.get("config", {}), _IGNORED_WHEN_REUSING + _SAFETY_LIMITS)
     if differs:
         return f"{path} was written by a run with another config (differs in {', '.join(differs)})"
     metrics_path = run_dir / "metrics.json"
@@ -3761,10 +3764,15 @@ def stale_best_checkpoint(run_dir) -> Optional[str]:
     return None
 
 
+def _retrain_hint(run_dir) -> str:
+    """The fix named when a run directory's files are corrupt or do not belong together."""
+    return (f"restore it from git (git checkout -- {run_dir}) or train the run again (delete {run_dir}, "
+            "then run_models)")
+
+
 def _run_row(run_dir: Path, results_dir) -> dict:
     """One run's record from its metrics.json, config.json and provenance.json."""
-    retrain = (f"restore it from git (git checkout -- {run_dir}) or train the run again (delete {run_dir}, "
-               "then run_models)")
+    retrain = _retrain_hint(run_dir)
     metrics = _read_run_file(run_dir / "metrics.json", retrain)
     config = _read_run_file(run_dir / "config.json", retrain)
     provenance_path = run_dir / "provenance.json"
