@@ -765,42 +765,135 @@ class ZBL(nn.Module):
 # =============================================================================================
 
 
+def _swish_value_and_slope(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(silu(x), silu'(x)) = (x s, s + x s (1 - s)), s = sigmoid(x): one exp for both."""
+    s = torch.sigmoid(x)
+    y = x * s
+    return y, s + y * (1 - s)
+
+
+def _swish_curvature_times(grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+    """grad_grad grad silu''(x), silu''(x) = s (1 - s) (2 + x (1 - 2 s)), s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    return grad_grad * grad * s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+class CompiledKernels:
+    """Optional fused elementwise kernels for `swish` (issue 6), compiled by torch.compile
+    (Inductor: C++ on the CPU, so a C++ compiler is needed at run time).
+
+    On this CPU an elementwise pass over an [E, 128] tensor costs a third to a half of an exp
+    (silu, silu_backward and sigmoid are bound by their exp), and a force training step spends
+    ~14% of its time in the activation: torch's silu recomputes sigmoid(x) in every backward
+    pass. With the kernels, the forward computes silu(x) and silu'(x) in one pass (one exp) and
+    keeps silu'(x), every first derivative is then one product, and the second derivative one
+    fused pass. Values equal eager's to float32 rounding (tested).
+
+    Off by default; `enable_compiled_kernels()`, or DIMEZBL_COMPILED_KERNELS=1 in the
+    environment when dimezbl_core is imported, turns them on (CPU tensors of float32/float64
+    only; CUDA keeps the eager path). The first call compiles (~15-25 s, a few seconds once
+    Inductor's cache under /tmp holds it); if compiling fails, a warning names the cause and
+    the eager path takes over. Memory: silu'(x) is kept beside x, one more [E, 128] tensor per
+    activation until the backward.
+    """
+
+    enabled = os.environ.get("DIMEZBL_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
+    failure: Optional[str] = None
+    _value_and_slope = None
+    _curvature_times = None
+
+    @classmethod
+    def active_for(cls, x: Tensor) -> bool:
+        return (cls.enabled and cls.failure is None and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting())
+
+    @classmethod
+    def _call(cls, name: str, fallback, *tensors: Tensor):
+        """The compiled `fallback` on the flattened tensors (one compiled graph for every shape),
+        reshaped back; on a compile failure: disabled, with a warning, and `fallback` itself."""
+        shape = tensors[0].shape
+        try:
+            kernel = getattr(cls, name)
+            if kernel is None:
+                kernel = torch.compile(fallback, dynamic=True, fullgraph=True)
+                setattr(cls, name, kernel)
+            with torch.no_grad():
+                out = kernel(*(t.reshape(-1) for t in tensors))
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say why
+            cls.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            warnings.warn(
+                f"dimezbl_core: compiling the fused swish kernels failed ({cls.failure}); using the "
+                "eager path. Install a C++ compiler (e.g. `apt install g++`) for torch.compile on the "
+                "CPU, or unset DIMEZBL_COMPILED_KERNELS.", RuntimeWarning, stacklevel=3)
+            out = fallback(*tensors)
+            return out
+        if isinstance(out, tuple):
+            return tuple(o.view(shape) for o in out)
+        return out.view(shape)
+
+    @classmethod
+    def value_and_slope(cls, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return cls._call("_value_and_slope", _swish_value_and_slope, x)
+
+    @classmethod
+    def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+        return cls._call("_curvature_times", _swish_curvature_times, grad_grad, grad, x)
+
+
+def enable_compiled_kernels(enabled: bool = True) -> bool:
+    """Turn the fused swish kernels (`CompiledKernels`) on or off for this process; returns
+    whether they were on before."""
+    before = CompiledKernels.enabled
+    CompiledKernels.enabled = bool(enabled)
+    return before
+
+
 class _SwishGrad(torch.autograd.Function):
-    """g * silu'(x) in one kernel (aten.silu_backward), with its derivatives in closed form:
+    """g * silu'(x) in one kernel (aten.silu_backward, or one product with the slope the
+    compiled forward kept), with its derivatives in closed form:
     d/dg = silu'(x), d/dx = g silu''(x), silu''(x) = s (1 - s) (2 + x (1 - 2 s)), s = sigmoid(x).
     (torch's own silu, differentiated twice, records about ten elementwise operations and
     their saved inputs per activation: a third of the force step's peak memory.)"""
 
     @staticmethod
-    def forward(ctx, grad: Tensor, x: Tensor) -> Tensor:
-        ctx.save_for_backward(grad, x)
+    def forward(ctx, grad: Tensor, x: Tensor, slope: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(grad, x, slope)
+        if slope is not None:
+            return grad * slope
         return torch.ops.aten.silu_backward(grad, x)
 
     @staticmethod
     def backward(ctx, grad_grad: Tensor):
-        grad, x = ctx.saved_tensors
-        d_grad = _SwishGrad.apply(grad_grad, x) if ctx.needs_input_grad[0] else None
+        grad, x, slope = ctx.saved_tensors
+        d_grad = _SwishGrad.apply(grad_grad, x, slope) if ctx.needs_input_grad[0] else None
         d_x = None
         if ctx.needs_input_grad[1]:
-            s = torch.sigmoid(x)
             if torch.is_grad_enabled():  # third order asked for: differentiable composite
-                d_x = grad_grad * grad * s * (1 - s) * (2 + x * (1 - 2 * s))
+                d_x = _swish_curvature_times(grad_grad, grad, x)
+            elif slope is not None:  # the compiled path: one fused pass
+                d_x = CompiledKernels.curvature_times(grad_grad, grad, x)
             else:  # g g' s (1 - s) in one kernel, then (2 + x (1 - 2 s)) in place
+                s = torch.sigmoid(x)
                 d_x = torch.ops.aten.sigmoid_backward(grad_grad * grad, s)
                 d_x.mul_(torch.rsub(s, 1, alpha=2).mul_(x).add_(2))
-        return d_grad, d_x
+        return d_grad, d_x, None
 
 
 class _Swish(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return F.silu(x)
+        slope = None
+        if CompiledKernels.active_for(x):
+            y, slope = CompiledKernels.value_and_slope(x)
+        else:
+            y = F.silu(x)
+        ctx.save_for_backward(x, slope)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return _SwishGrad.apply(grad, x)
+        x, slope = ctx.saved_tensors
+        return _SwishGrad.apply(grad, x, slope)
 
 
 def swish(x: Tensor) -> Tensor:
@@ -1010,18 +1103,20 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         x_ji, x_kj, s = self.edge_inputs(x, rbf, sbf)
         return self.update(x, x_ji, triplet_aggregate(plan, s, x_kj))
 
-    def sbf_weight(self, num_spherical: int) -> Tensor:
-        """W_sbf1^T W_sbf2^T [(l, n), c] arranged block-diagonally, [L * R, L * int_emb]: the
-        matrix that maps the SBF's radial part [E, L * R] to q [E, L * int_emb] (`sbf_per_edge`)."""
-        w = (self.lin_sbf2.weight @ self.lin_sbf1.weight).t()  # [L * R, C]
-        return torch.block_diag(*w.reshape(num_spherical, w.size(0) // num_spherical, -1).unbind(0))
-
     def sbf_per_edge(self, radial: Tensor) -> Tensor:
-        """q[e, l, c] = sum_n radial[e, l, n] (W_sbf1^T W_sbf2^T)[(l, n), c]: [E, L, int_emb]
-        from the SBF's radial part [E, L, R], one matrix product (`sbf_weight`) whose result is
-        in the layout the triplet contraction reads."""
+        """q[e, l, c] = sum_n radial[e, l, n] (W_sbf1^T W_sbf2^T)[(l, n), c]: [E, L, int_emb] from
+        the SBF's radial part [E, L, R], in the layout the triplet contraction reads. Through the
+        basis embedding (rank basis_emb): r[e, l, b] = sum_n radial[e, l, n] W_sbf1[b, (l, n)] (one
+        product with W_sbf1 arranged block-diagonally, [L * R, L * basis_emb]), then r W_sbf2^T on
+        the [E * L, basis_emb] rows: E L basis_emb (R + int_emb) multiply-adds, a fifth of those of
+        the [L * R, L * int_emb] block-diagonal product of W_sbf1^T W_sbf2^T (whose blocks are 6/7
+        zeros)."""
         num_edges, num_spherical, num_radial = radial.shape
-        q = radial.reshape(num_edges, num_spherical * num_radial) @ self.sbf_weight(num_spherical)
+        w1 = self.lin_sbf1.weight.t().reshape(num_spherical, num_radial, -1)  # [L, R, B]
+        r = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w1.unbind(0))
+        # W_sbf2^T made contiguous: for a transposed view autograd forms W's gradient as
+        # grad^T @ r ([C, E * L] x [E * L, B], 4x slower here than r^T @ grad)
+        q = r.view(num_edges * num_spherical, -1) @ self.lin_sbf2.weight.t().contiguous()  # [E * L, C]
         return q.view(num_edges, num_spherical, -1)
 
     @torch.jit.unused

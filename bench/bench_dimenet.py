@@ -469,6 +469,22 @@ def check_agreement(entries, workload, tolerances, log, records: list) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # --- Report ---
 # ---------------------------------------------------------------------------------------------------------------
+def compile_kernels(enabled: bool, device) -> str:
+    """dimezbl_core's fused swish kernels on (compiled now, so that no timed call pays for it) or off; says which."""
+    dc.enable_compiled_kernels(enabled)
+    if not enabled:
+        return "eager (fused kernels off)"
+    start = time.perf_counter()
+    x = torch.randn(64, 128, device=device, requires_grad=True)
+    (first,) = torch.autograd.grad(dc.swish(x).sum(), x, create_graph=True)
+    first.square().sum().backward()
+    if dc.CompiledKernels.failure is not None:
+        return f"eager (compiling the fused kernels failed: {dc.CompiledKernels.failure})"
+    if not dc.CompiledKernels.active_for(x):
+        return f"eager (the fused kernels do not serve {device.type} tensors)"
+    return f"fused kernels (CompiledKernels, torch.compile; compiled in {time.perf_counter() - start:.1f} s)"
+
+
 def provenance(args, device) -> dict:
     def git(*command):
         try:
@@ -556,6 +572,9 @@ def parse_args(argv):
     parser.add_argument("--pp-force-repeats", type=int, default=5,
                         help="interleaved timed repetitions of our DimeNet++ and PyG DimeNet++ in the force training "
                              "step on each workload (default 5; those beyond the first are skipped past the deadline)")
+    parser.add_argument("--compiled-kernels", choices=("on", "off"), default="on",
+                        help="our models with dimezbl_core's fused swish kernels (torch.compile; CompiledKernels), "
+                             "compiled before any timing (default on; off: the eager path, dimezbl_core's default)")
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -589,6 +608,7 @@ def main(argv=None) -> int:
 
     info = provenance(args, device)
     info["allocator"] = allocator
+    info["compiled_kernels"] = compile_kernels(args.compiled_kernels == "on", device)
     log(f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
         f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32")
     log(f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
@@ -607,6 +627,7 @@ def main(argv=None) -> int:
         f"old), ZBL pair on qm9 force steps >= {args.zbl_repeats}; PyG DimeNet {args.pyg_dimenet_warmup} warm-up + "
         f"{args.pyg_dimenet_repeats} timed, on md17 only {', '.join(args.pyg_md17_kinds) or 'nothing'}")
     log(f"allocator: {allocator}")
+    log(f"our models' swish: {info['compiled_kernels']}")
     log(f"PyG graph: {args.pyg_graph} stand-ins" + (" (computed once per batch, then no graph cost)"
                                                      if args.pyg_graph == "cached" else " (run in every call)"))
     memory_note = ("CUDA max_memory_allocated during the call minus allocated before" if device.type == "cuda" else

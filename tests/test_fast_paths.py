@@ -294,3 +294,102 @@ def test_force_training_with_geometry_to_first_order_equals_full_autograd(varian
     for (name, _), a, b in zip(model.named_parameters(), g_lin, g_full):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
     assert model.zbl.scale.requires_grad and g_full[[n for n, _ in model.named_parameters()].index("zbl.scale")].abs() > 0
+
+
+@pytest.fixture
+def compiled_kernels():
+    """`CompiledKernels` on for one test (compiled once per session, torch.compile caches), then
+    restored; skips where this machine cannot compile (no C++ compiler), saying why."""
+    before = dc.enable_compiled_kernels(True)
+    failure = dc.CompiledKernels.failure
+    try:
+        dc.CompiledKernels.value_and_slope(torch.zeros(4))
+        if dc.CompiledKernels.failure is not None:
+            pytest.skip(f"torch.compile is not available here: {dc.CompiledKernels.failure}")
+        yield dc.CompiledKernels
+    finally:
+        dc.enable_compiled_kernels(before)
+        dc.CompiledKernels.failure = failure
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_swish_kernels_equal_the_eager_path_to_third_order(compiled_kernels, dtype):
+    """With the fused kernels on, swish's value and its first, second (the force-training pass,
+    create_graph off and on) and third derivatives equal the eager path's (which the test above
+    ties to F.silu), on every shape class the model uses ([E, 128], [E, 64], [N, 256], 1-D)."""
+    generator = torch.Generator().manual_seed(0)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for shape in ((37, 128), (11, 64), (5, 256), (300,)):
+        x0 = torch.randn(shape, generator=generator, dtype=dtype) * 4
+        weights = torch.rand(shape, generator=generator, dtype=dtype) + 0.5
+        results = {}
+        for on in (False, True):
+            dc.enable_compiled_kernels(on)
+            x = x0.clone().requires_grad_(True)
+            y = dc.swish(x)
+            (first,) = torch.autograd.grad((weights * y).sum(), x, create_graph=True)
+            (second_plain,) = torch.autograd.grad((weights * first**2).sum(), x, retain_graph=True)
+            (second,) = torch.autograd.grad((weights * first**2).sum(), x, create_graph=True)
+            (third,) = torch.autograd.grad(second.sum(), x)
+            results[on] = [y.detach(), first.detach(), second_plain, second.detach(), third]
+        assert compiled_kernels.failure is None
+        for name, ours, reference in zip(("value", "first", "second", "second (create_graph)", "third"),
+                                         results[True], results[False]):
+            torch.testing.assert_close(ours, reference, **tolerance, msg=f"{shape} {name}")
+    # the compiled path was taken: silu'(x) is what the forward kept for the backward
+    x = torch.randn(8, 128, dtype=dtype, requires_grad=True)
+    y = dc.swish(x)
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[1] is not None
+
+
+def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_kernels, qm9_sample_molecules):
+    """A DimeNet++ force-training step (energies, forces, weight gradients of a force loss, float32)
+    is the same with the fused kernels as without, to float32 rounding."""
+    samples = qm9_sample_molecules[:8]
+    z = torch.cat([m["z"] for m in samples])
+    pos = torch.cat([m["pos"] for m in samples]).float()
+    molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
+    torch.manual_seed(5)
+    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant="dimenet++", int_emb_size=16,
+                          basis_emb_size=4, out_emb_channels=32, output_initializer="glorot_orthogonal")
+    results = {}
+    for on in (False, True):
+        dc.enable_compiled_kernels(on)
+        energy, forces = model.energy_and_forces(z, pos, molecule, create_graph=True)
+        loss = energy.abs().mean() + forces.square().mean()
+        results[on] = [energy, forces] + list(torch.autograd.grad(loss, list(model.parameters())))
+    names = ["energy", "forces"] + [name for name, _ in model.named_parameters()]
+    for name, ours, reference in zip(names, results[True], results[False]):
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
+    assert results[True][1].abs().max() > 0
+
+
+def test_a_compile_failure_falls_back_to_the_eager_path_with_a_warning(monkeypatch):
+    """Where torch.compile cannot build the kernels (no C++ compiler), swish warns once, naming the
+    cause and the fix, computes the same values eagerly, and later calls take torch's silu."""
+    before, failure, kernel = dc.enable_compiled_kernels(True), dc.CompiledKernels.failure, \
+        dc.CompiledKernels._value_and_slope
+    dc.CompiledKernels.failure, dc.CompiledKernels._value_and_slope = None, None
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    try:
+        x = torch.randn(6, 128, requires_grad=True)
+        with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler.*DIMEZBL_COMPILED_KERNELS"):
+            y = dc.swish(x)
+        assert "InvalidCxxCompiler" in dc.CompiledKernels.failure
+        # (this call's values come from the same formula run eagerly: x sigmoid(x), rounding apart)
+        torch.testing.assert_close(y, torch.nn.functional.silu(x), rtol=1e-6, atol=1e-6)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(grad, torch.ops.aten.silu_backward(torch.ones_like(x), x.detach()))
+        torch.testing.assert_close(dc.swish(x), torch.nn.functional.silu(x), rtol=0, atol=0)
+        assert not dc.CompiledKernels.active_for(x)  # and no second try, no second warning
+    finally:
+        dc.enable_compiled_kernels(before)
+        dc.CompiledKernels.failure, dc.CompiledKernels._value_and_slope = failure, kernel
