@@ -804,14 +804,20 @@ class CompiledKernels:
 
     @classmethod
     def active_for(cls, x: Tensor) -> bool:
+        """Whether `swish` takes the fused path for x: enabled, not failed, a CPU float tensor, and
+        no Python dispatch mode (an op timer, FakeTensor tracing) active, under which compiled
+        code does not run."""
         return (cls.enabled and cls.failure is None and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting())
+                and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting()
+                and _python_dispatch_mode() is None)
 
     @classmethod
     def _call(cls, name: str, fallback, *tensors: Tensor):
         """The compiled `fallback` on the flattened tensors (one compiled graph for every shape),
         reshaped back; on a compile failure: disabled, with a warning, and `fallback` itself."""
         shape = tensors[0].shape
+        if cls.failure is not None or _python_dispatch_mode() is not None:
+            return fallback(*tensors)
         try:
             kernel = getattr(cls, name)
             if kernel is None:
@@ -823,8 +829,9 @@ class CompiledKernels:
             cls.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             warnings.warn(
                 f"dimezbl_core: compiling the fused swish kernels failed ({cls.failure}); using the "
-                "eager path. Install a C++ compiler (e.g. `apt install g++`) for torch.compile on the "
-                "CPU, or unset DIMEZBL_COMPILED_KERNELS.", RuntimeWarning, stacklevel=3)
+                "eager path from now on (same values). torch.compile on the CPU needs a working C++ "
+                "compiler (e.g. `apt install g++`); or unset DIMEZBL_COMPILED_KERNELS.",
+                RuntimeWarning, stacklevel=3)
             out = fallback(*tensors)
             return out
         if isinstance(out, tuple):
@@ -838,6 +845,13 @@ class CompiledKernels:
     @classmethod
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         return cls._call("_curvature_times", _swish_curvature_times, grad_grad, grad, x)
+
+
+def _python_dispatch_mode():
+    """The active Python dispatch mode (TorchDispatchMode), None without one."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
 
 
 def enable_compiled_kernels(enabled: bool = True) -> bool:

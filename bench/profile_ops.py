@@ -11,9 +11,10 @@ summed op time, then the op groups (aten op name and the shape of its first tens
 of the batch's sizes N atoms / E edges / T triplets its leading dimension is) with the most time.
 
 Run: .venv/bin/python bench/profile_ops.py [--models ours_dimenetpp pyg_dimenetpp] [--kind force_train_step]
-     [--workload qm9] [--repeat 3] [--top 30] [--compiled-kernels on|off]
-     [--out results/benchmark/profile_<workload>_<kind>.txt]
+     [--workload qm9] [--repeat 3] [--top 30] [--out results/benchmark/profile_<workload>_<kind>.txt]
 Pause other jobs on the machine while it runs; the numbers are per step of a batch of 32 molecules.
+Our models run their eager path here: torch.compile'd kernels (dimezbl_core.CompiledKernels) do not run
+under a dispatch mode, so the op timer cannot see them; bench_dimenet.py times them.
 """
 import argparse
 import collections
@@ -85,8 +86,6 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--compiled-kernels", choices=("on", "off"), default="on",
-                        help="our models with the fused swish kernels (as bench_dimenet.py; default on)")
     parser.add_argument("--out", help="also write the output, under a provenance header (command, commit, date, "
                                       "machine, load), to this text file")
     args = parser.parse_args(argv)
@@ -94,7 +93,6 @@ def main(argv=None):
     emit(bench.settle_allocator("reuse"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    emit("our models' swish: " + bench.compile_kernels(args.compiled_kernels == "on", torch.device("cpu")))
     bench.patch_pyg("cached")
     entries = bench.build_models(torch.device("cpu"))
     workload = (bench.qm9_workload if args.workload == "qm9" else bench.md17_workload)(args.batch_size)

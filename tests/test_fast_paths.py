@@ -393,3 +393,29 @@ def test_a_compile_failure_falls_back_to_the_eager_path_with_a_warning(monkeypat
     finally:
         dc.enable_compiled_kernels(before)
         dc.CompiledKernels.failure, dc.CompiledKernels._value_and_slope = failure, kernel
+
+
+def test_compiled_kernels_step_aside_under_a_dispatch_mode(compiled_kernels):
+    """Under a Python dispatch mode (e.g. bench/profile_ops.py's op timer), where compiled code does
+    not run, swish takes the eager path silently and the kernels stay enabled for later calls."""
+    import warnings
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(9, 128, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with CountOps() as mode:
+            y = dc.swish(x)
+    assert "silu" in mode.ops  # the eager kernel ran, seen by the mode
+    torch.testing.assert_close(y, torch.nn.functional.silu(x), rtol=0, atol=0)
+    assert compiled_kernels.failure is None and compiled_kernels.active_for(x)
