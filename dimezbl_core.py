@@ -826,17 +826,26 @@ class CompiledKernels:
             with torch.no_grad():
                 out = kernel(*(t.reshape(-1) for t in tensors))
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say why
-            cls.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            message = str(error).strip()
+            cls.failure = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
             warnings.warn(
                 f"dimezbl_core: compiling the fused swish kernels failed ({cls.failure}); using the "
                 "eager path from now on (same values). torch.compile on the CPU needs a working C++ "
                 "compiler (e.g. `apt install g++`); or unset DIMEZBL_COMPILED_KERNELS.",
                 RuntimeWarning, stacklevel=3)
-            out = fallback(*tensors)
-            return out
+            return fallback(*tensors)
         if isinstance(out, tuple):
             return tuple(o.view(shape) for o in out)
         return out.view(shape)
+
+    @classmethod
+    def state(cls) -> str:
+        """For provenance: "eager", "fused kernels (DIMEZBL_COMPILED_KERNELS)" or the failure."""
+        if not cls.enabled:
+            return "eager"
+        if cls.failure is not None:
+            return f"eager (compiling the fused kernels failed: {cls.failure})"
+        return "fused kernels (DIMEZBL_COMPILED_KERNELS / enable_compiled_kernels)"
 
     @classmethod
     def value_and_slope(cls, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -3166,8 +3175,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, run_dir: Path) -> 
     # the code and threads of each process that trains this run (a resumed run may span commits)
     state["segments"] = [*state["segments"],
                          {**git_state(), "from_step": state["step"], "torch_threads": torch.get_num_threads(),
-                          "hardware": hardware_description(device),
+                          "hardware": hardware_description(device), "swish": CompiledKernels.state(),
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+    if rank == 0 and CompiledKernels.enabled:
+        print(f"swish: {CompiledKernels.state()} (compiled at the first step)", flush=True)
     module = model
     if world_size > 1:
         module = torch.nn.parallel.DistributedDataParallel(model)

@@ -155,7 +155,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, keep_torch_threads):
     assert [segment["from_step"] for segment in segments] == [0, killed_at]
     assert all(segment["dimezbl_core_sha256"] == dc.git_state()["dimezbl_core_sha256"] and
                segment["torch_threads"] == 1 and segment["hardware"]["device"] == "cpu"
-               for segment in segments)
+               and segment["swish"] == "eager" for segment in segments)
     reference_segments = json.loads((tmp_path / "reference" / "provenance.json").read_text())["segments"]
     assert [segment["from_step"] for segment in reference_segments] == [0]
 
