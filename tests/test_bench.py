@@ -58,3 +58,22 @@ def test_profile_output_prints_and_keeps_every_line(capsys):
     emit("   by op: mm 275")
     assert emit.lines == ["", "== ours DimeNet++: step 610 ms", "   by op: mm 275"]
     assert capsys.readouterr().out == "\n== ours DimeNet++: step 610 ms\n   by op: mm 275\n"
+
+
+def test_ab_revisions_loads_two_versions_as_separate_modules(tmp_path):
+    """ab_revisions.py: the working tree's and a committed dimezbl_core.py become two modules of their own
+    (their classes distinct), and both build the same model from the same weights."""
+    import ab_revisions
+
+    worktree = ab_revisions.load_revision(ab_revisions.WORKTREE, str(tmp_path))
+    committed = ab_revisions.load_revision("HEAD", str(tmp_path))
+    assert worktree is not committed and worktree.DimezblNet is not committed.DimezblNet
+    kwargs = dict(hidden_channels=8, num_blocks=1, variant="dimenet++", int_emb_size=4, basis_emb_size=2,
+                  out_emb_channels=8, output_initializer="glorot_orthogonal")
+    torch.manual_seed(0)
+    a = worktree.DimezblNet(**kwargs)
+    b = committed.DimezblNet(**kwargs)
+    b.load_state_dict(a.state_dict())
+    z = torch.tensor([6, 1, 1, 8])
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0], [0.0, 0.0, 1.3]])
+    torch.testing.assert_close(a(z, pos), b(z, pos), rtol=1e-5, atol=1e-6)
