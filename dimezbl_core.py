@@ -70,6 +70,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch_geometric.data import Data
 
 # =============================================================================================
@@ -809,14 +810,14 @@ class CompiledKernels:
         code does not run."""
         return (cls.enabled and cls.failure is None and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting()
-                and _python_dispatch_mode() is None)
+                and _get_current_dispatch_mode() is None)
 
     @classmethod
     def _call(cls, name: str, fallback, *tensors: Tensor):
         """The compiled `fallback` on the flattened tensors (one compiled graph for every shape),
         reshaped back; on a compile failure: disabled, with a warning, and `fallback` itself."""
         shape = tensors[0].shape
-        if cls.failure is not None or _python_dispatch_mode() is not None:
+        if cls.failure is not None or _get_current_dispatch_mode() is not None:
             return fallback(*tensors)
         try:
             kernel = getattr(cls, name)
@@ -854,13 +855,6 @@ class CompiledKernels:
     @classmethod
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         return cls._call("_curvature_times", _swish_curvature_times, grad_grad, grad, x)
-
-
-def _python_dispatch_mode():
-    """The active Python dispatch mode (TorchDispatchMode), None without one."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
 
 
 def enable_compiled_kernels(enabled: bool = True) -> bool:

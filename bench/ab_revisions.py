@@ -23,8 +23,6 @@ import time
 import torch
 
 import bench_dimenet as bench
-from _pyg_standins import DIMENET_KW, DIMENETPP_KW
-from torch_geometric.nn.models import dimenet as pyg_dimenet
 
 WORKTREE = "WORKTREE"
 
@@ -47,14 +45,6 @@ def load_revision(revision: str, tmpdir: str):
     return module
 
 
-def build(module, variant: str, state_dict: dict):
-    kwargs = DIMENETPP_KW if variant == "dimenet++" else DIMENET_KW
-    model = module.DimezblNet(variant=variant, zbl=False, output_initializer="glorot_orthogonal", **kwargs)
-    module.load_pyg_dimenet_state_dict(model, state_dict)
-    model = model.float().train()
-    return bench.Entry(variant, variant, model, bench.make_optimizer(model))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("a", help="git revision of the baseline, or WORKTREE")
@@ -67,13 +57,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(bench.settle_allocator("reuse"))
     torch.manual_seed(bench.SEED)
-    reference = (pyg_dimenet.DimeNetPlusPlus(output_initializer="glorot_orthogonal", **DIMENETPP_KW)
-                 if args.variant == "dimenet++" else
-                 pyg_dimenet.DimeNet(output_initializer="glorot_orthogonal", **DIMENET_KW))
+    reference = bench.pyg_model(args.variant)
     workload = (bench.qm9_workload if args.workload == "qm9" else bench.md17_workload)(args.batch_size)
     print(f"{args.workload}: {workload.stats}; {torch.get_num_threads()} threads; {args.variant} {args.kind}")
     with tempfile.TemporaryDirectory() as tmpdir:
-        entries = [build(load_revision(rev, tmpdir), args.variant, reference.state_dict()) for rev in (args.a, args.b)]
+        entries = [bench.make_entry(rev, rev, bench.our_model(load_revision(rev, tmpdir), args.variant, False, reference),
+                                    torch.device("cpu")) for rev in (args.a, args.b)]
         w = workload
         outputs = [bench.energy_and_forces(e.model, w.z, w.pos, w.batch, create_graph=False) for e in entries]
         for name, (x, y) in (("energy", (outputs[0][0], outputs[1][0])), ("forces", (outputs[0][1], outputs[1][1]))):

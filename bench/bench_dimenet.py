@@ -243,23 +243,36 @@ def make_optimizer(model):
     return optimizer
 
 
+def pyg_model(variant: str):
+    """PyG's DimeNet ("dimenet") or DimeNetPlusPlus ("dimenet++") with the published hyperparameters."""
+    if variant == "dimenet++":
+        return pyg_dimenet.DimeNetPlusPlus(output_initializer="glorot_orthogonal", **DIMENETPP_KW)
+    return pyg_dimenet.DimeNet(output_initializer="glorot_orthogonal", **DIMENET_KW)
+
+
+def our_model(module, variant: str, zbl: bool, reference):
+    """`module`'s DimezblNet (dimezbl_core, or another version of it) with the weights of PyG's `reference`."""
+    kwargs = DIMENETPP_KW if variant == "dimenet++" else DIMENET_KW
+    model = module.DimezblNet(variant=variant, zbl=zbl, output_initializer="glorot_orthogonal", **kwargs)
+    module.load_pyg_dimenet_state_dict(model, reference.state_dict())
+    return model
+
+
+def make_entry(key: str, label: str, model, device) -> Entry:
+    model = model.float().to(device).train()
+    return Entry(key, label, model, make_optimizer(model))
+
+
 def build_models(device) -> dict:
     torch.manual_seed(SEED)
-    pyg = pyg_dimenet.DimeNet(output_initializer="glorot_orthogonal", **DIMENET_KW)
-    pyg_pp = pyg_dimenet.DimeNetPlusPlus(output_initializer="glorot_orthogonal", **DIMENETPP_KW)
-    ours = dc.DimezblNet(variant="dimenet", zbl=False, output_initializer="glorot_orthogonal", **DIMENET_KW)
-    ours_zbl = dc.DimezblNet(variant="dimenet", zbl=True, output_initializer="glorot_orthogonal", **DIMENET_KW)
-    ours_pp = dc.DimezblNet(variant="dimenet++", zbl=False, output_initializer="glorot_orthogonal", **DIMENETPP_KW)
-    for model, reference in ((ours, pyg), (ours_zbl, pyg), (ours_pp, pyg_pp)):
-        dc.load_pyg_dimenet_state_dict(model, reference.state_dict())
-    entries = {}
-    for key, label, model in (("pyg_dimenet", "PyG DimeNet", pyg), ("ours_dimenet", "ours DimeNet", ours),
-                              ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl),
-                              ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp),
-                              ("ours_dimenetpp", "ours DimeNet++", ours_pp)):
-        model = model.float().to(device).train()
-        entries[key] = Entry(key, label, model, make_optimizer(model))
-    return entries
+    pyg, pyg_pp = pyg_model("dimenet"), pyg_model("dimenet++")
+    ours, ours_zbl = our_model(dc, "dimenet", False, pyg), our_model(dc, "dimenet", True, pyg)
+    ours_pp = our_model(dc, "dimenet++", False, pyg_pp)
+    return {key: make_entry(key, label, model, device)
+            for key, label, model in (("pyg_dimenet", "PyG DimeNet", pyg), ("ours_dimenet", "ours DimeNet", ours),
+                                      ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl),
+                                      ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp),
+                                      ("ours_dimenetpp", "ours DimeNet++", ours_pp))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,16 +486,15 @@ def compile_kernels(enabled: bool, device) -> str:
     """dimezbl_core's fused swish kernels on (compiled now, so that no timed call pays for it) or off; says which."""
     dc.enable_compiled_kernels(enabled)
     if not enabled:
-        return "eager (fused kernels off)"
+        return dc.CompiledKernels.state()
     start = time.perf_counter()
     x = torch.randn(64, 128, device=device, requires_grad=True)
     (first,) = torch.autograd.grad(dc.swish(x).sum(), x, create_graph=True)
     first.square().sum().backward()
-    if dc.CompiledKernels.failure is not None:
-        return f"eager (compiling the fused kernels failed: {dc.CompiledKernels.failure})"
-    if not dc.CompiledKernels.active_for(x):
+    if dc.CompiledKernels.failure is None and not dc.CompiledKernels.active_for(x):
         return f"eager (the fused kernels do not serve {device.type} tensors)"
-    return f"fused kernels (CompiledKernels, torch.compile; compiled in {time.perf_counter() - start:.1f} s)"
+    seconds = f"; compiled in {time.perf_counter() - start:.1f} s" if dc.CompiledKernels.failure is None else ""
+    return dc.CompiledKernels.state() + seconds
 
 
 def provenance(args, device) -> dict:
