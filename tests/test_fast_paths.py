@@ -174,6 +174,23 @@ def test_spherical_bessel_own_order_equals_all_orders_diagonal():
         torch.testing.assert_close(dc.spherical_bessel_own_order(small), expected, rtol=0, atol=1e-15)
 
 
+def test_spherical_bessel_own_order_derivatives_on_both_branches():
+    """The series is evaluated only where it is used and placed over the recurrence's values:
+    first and second derivatives must still be those of j_l on each side of x = max(l, 1)."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(6, 7, 3, generator=g, dtype=torch.float64) * 9.0 + 0.05
+    x[:2] *= 0.1  # the power-series branch at every order
+    orders = torch.arange(7, dtype=torch.float64)[:, None]
+    assert (x < orders.clamp(min=1.0)).any() and (x >= orders.clamp(min=1.0)).any()
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(dc.spherical_bessel_own_order, (x,))
+    assert torch.autograd.gradgradcheck(dc.spherical_bessel_own_order, (x,))
+    for value in (0.3, 7.5):  # below 1: the series at every order; above 6: the recurrence only
+        one_branch = torch.full((2, 7, 3), value, dtype=torch.float64)
+        expected = torch.diagonal(dc.spherical_bessel_jn(one_branch, 7), dim1=1, dim2=3).transpose(1, 2)
+        torch.testing.assert_close(dc.spherical_bessel_own_order(one_branch), expected, rtol=0, atol=1e-15)
+
+
 def test_interaction_pp_block_equals_per_triplet_formula():
     torch.manual_seed(9)
     pos, edge_index, (i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji) = _graph(seed=9)
