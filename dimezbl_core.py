@@ -271,10 +271,17 @@ class TripletPlan:
             order[flat_position] = torch.arange(flat_position.numel(), device=device)
             return placed, order
 
-        flat_position, self.crow = layout(idx_ji, idx_kj, row_blocks=True)
-        self.col, self.order = place(flat_position, idx_kj.repeat_interleave(b))
-        flat_position_t, self.crow_t = layout(idx_kj, idx_ji, row_blocks=False)
-        self.col_t, self.order_t = place(flat_position_t, (idx_ji[:, None] * b + weight[None, :]).reshape(-1))
+        flat_position, crow = layout(idx_ji, idx_kj, row_blocks=True)
+        col, self.order = place(flat_position, idx_kj.repeat_interleave(b))
+        flat_position_t, crow_t = layout(idx_kj, idx_ji, row_blocks=False)
+        col_t, self.order_t = place(flat_position_t, (idx_ji[:, None] * b + weight[None, :]).reshape(-1))
+        # 32-bit CSR indices where they fit: MKL (LP64) takes them as they are, 64-bit ones it
+        # would get converted in every product (~10% of a product's time here)
+        small = max(num_triplets * b, num_edges * b) < 2**31 - 1
+        index_dtype = torch.int32 if small else torch.long
+        self.crow, self.col, self.crow_t, self.col_t = (t.to(index_dtype) for t in (crow, col, crow_t, col_t))
+        self._shared_values: Optional[Tensor] = None  # see `share_values`
+        self._permuted_values: dict = {}  # transpose -> (its version, permuted shared values)
 
     @classmethod
     def transposed(cls, idx_kj: Tensor, idx_ji: Tensor, num_edges: int, num_weights: int) -> "TripletPlan":
@@ -283,13 +290,36 @@ class TripletPlan:
 
     def matrix(self, values: Tensor, transpose: bool = False) -> Tensor:
         """M(values) [E*B, E] in CSR, or its transpose [E, E*B]; values [T, B]."""
-        flat = values.reshape(-1)
         n, nb = self.num_edges, self.num_edges * self.num_weights
         if transpose:
-            return torch.sparse_csr_tensor(self.crow_t, self.col_t, _permuted(flat, self.order_t),
+            return torch.sparse_csr_tensor(self.crow_t, self.col_t, self._csr_values(values, True),
                                            (n, nb), check_invariants=False)
-        return torch.sparse_csr_tensor(self.crow, self.col, _permuted(flat, self.order), (nb, n),
+        return torch.sparse_csr_tensor(self.crow, self.col, self._csr_values(values, False), (nb, n),
                                        check_invariants=False)
+
+    def share_values(self, values: Tensor) -> "TripletPlan":
+        """Declare `values` [T, B] the triplet weights of every product of this plan's owner (the
+        angular part in DimeNet++, the same in all blocks), not to be modified while the plan is
+        in use: their permuted copy is then made once and kept where it carries no graph (an
+        energy step's backward permutes them once, not once per block). Returns the plan."""
+        self._shared_values, self._permuted_values = values, {}
+        return self
+
+    def _csr_values(self, values: Tensor, transpose: bool) -> Tensor:
+        """values in the CSR order of M (or M^T); for the shared values (`share_values`) a
+        copy kept from an earlier call where the result carries no graph."""
+        flat = values.reshape(-1)
+        order = self.order_t if transpose else self.order
+        if order is None:
+            return flat
+        if values is not self._shared_values or (flat.requires_grad and torch.is_grad_enabled()):
+            return flat[order]
+        kept = self._permuted_values.get(transpose)
+        if kept is not None and kept[0] == values._version:
+            return kept[1]
+        permuted = flat[order]
+        self._permuted_values[transpose] = (values._version, permuted)
+        return permuted
 
     def sampled(self, y: Tensor, x: Tensor) -> Tensor:
         """out[t, b] = <y[ji(t) * B + b, :], x[kj(t), :]> for y [E*B, H], x [E, H]: [T, B].
@@ -310,10 +340,6 @@ class TripletPlan:
             out[self.order] = values
             values = out
         return values.view(self.num_triplets, self.num_weights)
-
-
-def _permuted(flat: Tensor, order: Optional[Tensor]) -> Tensor:
-    return flat if order is None else flat[order]
 
 
 def _sparse_mm(plan: TripletPlan, values: Tensor, dense: Tensor, transpose: bool) -> Tensor:
@@ -1432,6 +1458,8 @@ class DimezblNet(nn.Module):
         with torch.no_grad():  # the sparse layout of the triplet sums, shared by all blocks
             plan = (TripletPlan.transposed if plus else TripletPlan)(idx_kj, idx_ji, dist.numel(),
                                                                      self.triplet_weights)
+            if plus:
+                plan.share_values(angular)  # the triplet weights of every block
         sbf = None if plus else self.sbf.combine(radial, angular, idx_kj)  # [T, L * R]
         out = self.output_blocks[0](x, rbf, i, num_atoms)
         for interaction, output in zip(self.interaction_blocks, self.output_blocks[1:]):

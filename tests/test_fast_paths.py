@@ -224,6 +224,49 @@ def test_interaction_pp_block_equals_per_triplet_formula():
                                block(x, rbf, sbf, idx_kj, idx_ji, plan), rtol=1e-12, atol=1e-12)
 
 
+def test_shared_triplet_weights_permuted_once_with_the_same_gradients():
+    """`TripletPlan.share_values`: the blocks' products with the shared angular part reuse one
+    permuted copy where it carries no graph; gradients equal those of an unshared plan, in a
+    plain backward and under create_graph, and an in-place change of the weights is seen."""
+    pos, edge_index, (i, j, idx_i, idx_j, idx_k, idx_kj, idx_ji) = _graph(num_atoms=14, seed=11)
+    num_edges, num_triplets, num_weights = edge_index.size(1), idx_kj.numel(), 7
+    g = torch.Generator().manual_seed(12)
+    angular = torch.randn(num_triplets, num_weights, generator=g, dtype=torch.float64)
+    features = [torch.randn(num_edges, num_weights, 5, generator=g, dtype=torch.float64, requires_grad=True)
+                for _ in range(3)]
+
+    def blocks(plan, y):
+        return sum((dc.triplet_contract(plan, y, f) ** 2).sum() for f in features)
+
+    plain = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_weights)
+    shared = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_weights).share_values(angular)
+    assert plain.order is not None  # the backward's products permute the weights
+    expected = torch.autograd.grad(blocks(plain, angular), features)
+    got = torch.autograd.grad(blocks(shared, angular), features)
+    assert len(shared._permuted_values) == 1  # made once, reused by the other two blocks
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # under create_graph (force training's first backward) and then a second backward
+    y = angular.clone().requires_grad_(True)
+    shared.share_values(y)
+    for plan in (plain, shared):
+        first = torch.autograd.grad(blocks(plan, y), features, create_graph=True)
+        second = torch.autograd.grad(sum(f.sum() for f in first), [y] + features)
+        if plan is plain:
+            expected = first + second
+        else:
+            for a, b in zip(first + second, expected):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # an in-place change of the shared weights (version counter) is not served from the copy
+    blocks(shared, angular.detach())
+    shared.share_values(angular)
+    torch.autograd.grad(blocks(shared, angular), features)
+    with torch.no_grad():
+        angular.mul_(2.0)
+    torch.testing.assert_close(torch.autograd.grad(blocks(shared, angular), features),
+                               torch.autograd.grad(blocks(plain, angular), features), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_swish_derivatives_equal_torch_silu_to_third_order(create_graph):
     """The hand-written first and second derivatives of `swish` (both the in-place path of a plain
