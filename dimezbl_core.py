@@ -209,10 +209,13 @@ def triplets(
     local = torch.arange(idx_ji.numel(), device=device) - torch.repeat_interleave(
         triplet_start, num_triplets
     )
-    idx_kj = first_in_edge[source[idx_ji]] + local
-    idx_i, idx_j, idx_k = target[idx_ji], source[idx_ji], source[idx_kj]
-    keep = idx_i != idx_k
-    return (target, source, idx_i[keep], idx_j[keep], idx_k[keep], idx_kj[keep], idx_ji[keep])
+    # index_select, not advanced indexing: several times faster for these 1-D gathers on the CPU
+    idx_j = source.index_select(0, idx_ji)
+    idx_kj = first_in_edge.index_select(0, idx_j) + local
+    idx_i, idx_k = target.index_select(0, idx_ji), source.index_select(0, idx_kj)
+    keep = (idx_i != idx_k).nonzero().squeeze(1)
+    return (target, source, idx_i.index_select(0, keep), idx_j.index_select(0, keep), idx_k.index_select(0, keep),
+            idx_kj.index_select(0, keep), idx_ji.index_select(0, keep))
 
 
 class TripletPlan:
@@ -1150,10 +1153,15 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
     def edge_features(self, x: Tensor, rbf: Tensor) -> Tuple[Tensor, Tensor]:
         """x_ji = act(h W_ji) [E, H], x_kj = act((e_RBF W_rbf1 W_rbf2 (.) act(h W_kj)) W_down)
         [E, int_emb]."""
-        x_ji = self.act(self.lin_ji(x))
+        hidden = self.lin_ji.out_features
+        if torch.jit.is_scripting():
+            x_ji, x_kj = self.act(self.lin_ji(x)), self.act(self.lin_kj(x))
+        else:  # both layers as one [E, H] x [H, 2H] product and one activation (fewer, larger passes)
+            x_ji, x_kj = self.act(torch.addmm(torch.cat([self.lin_ji.bias, self.lin_kj.bias]), x,
+                                              torch.cat([self.lin_ji.weight, self.lin_kj.weight]).t())
+                                  ).split(hidden, dim=1)
         rbf_embedded = _narrow_linear(_narrow_linear(rbf, self.lin_rbf1.weight), self.lin_rbf2.weight)
-        x_kj = self.act(self.lin_kj(x)) * rbf_embedded
-        return x_ji, self.act(self.lin_down(x_kj))
+        return x_ji, self.act(self.lin_down(x_kj * rbf_embedded))
 
     def edge_inputs(self, x: Tensor, rbf: Tensor, sbf: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """`edge_features` and the triplet weights s = a_SBF W_sbf1 [T, basis_emb]."""
