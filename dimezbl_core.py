@@ -811,6 +811,13 @@ def _swish_value_and_slope(x: Tensor) -> Tuple[Tensor, Tensor]:
     return y, s + y * (1 - s)
 
 
+def _swish_value_and_slope_plus(x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
+    """(residual + silu(x), silu'(x)): `_swish_value_and_slope` with the skip connection's sum."""
+    s = torch.sigmoid(x)
+    y = x * s
+    return residual + y, s + y * (1 - s)
+
+
 def _swish_curvature_times(grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
     """grad_grad grad silu''(x), silu''(x) = s (1 - s) (2 + x (1 - 2 s)), s = sigmoid(x)."""
     s = torch.sigmoid(x)
@@ -846,6 +853,7 @@ class CompiledKernels:
     enabled = os.environ.get("DIMEZBL_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
     failure: Optional[str] = None
     _value_and_slope = None
+    _value_and_slope_plus = None
     _curvature_times = None
 
     @classmethod
@@ -898,6 +906,10 @@ class CompiledKernels:
         return cls._call("_value_and_slope", _swish_value_and_slope, x)
 
     @classmethod
+    def value_and_slope_plus(cls, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
+        return cls._call("_value_and_slope_plus", _swish_value_and_slope_plus, x, residual)
+
+    @classmethod
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         return cls._call("_curvature_times", _swish_curvature_times, grad_grad, grad, x)
 
@@ -942,20 +954,30 @@ class _SwishGrad(torch.autograd.Function):
 
 
 class _Swish(torch.autograd.Function):
+    """swish(x), or residual + swish(x) (one pass with the fused kernels: the residual layers'
+    skip connections)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        slope = None
+    def forward(ctx, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        slope, ctx.with_residual = None, residual is not None
         if CompiledKernels.active_for(x):
-            y, slope = CompiledKernels.value_and_slope(x)
+            if residual is not None and residual.shape == x.shape and residual.is_contiguous():
+                y, slope = CompiledKernels.value_and_slope_plus(x, residual)
+                residual = None
+            else:
+                y, slope = CompiledKernels.value_and_slope(x)
         else:
             y = F.silu(x)
         ctx.save_for_backward(x, slope)
-        return y
+        return y if residual is None else residual + y
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor):
         x, slope = ctx.saved_tensors
-        return _SwishGrad.apply(grad, x, slope)
+        grad_x = _SwishGrad.apply(grad, x, slope)
+        if not ctx.with_residual:
+            return grad_x
+        return grad_x, grad if ctx.needs_input_grad[1] else None
 
 
 def swish(x: Tensor) -> Tensor:
@@ -966,6 +988,14 @@ def swish(x: Tensor) -> Tensor:
     if torch.jit.is_scripting():
         return F.silu(x)
     return _swish_autograd(x)
+
+
+@torch.jit.unused
+def _plus_activation(act, pre: Tensor, residual: Tensor) -> Tensor:
+    """residual + act(pre); for swish one fused pass where the fused kernels run."""
+    if act is swish:
+        return _Swish.apply(pre, residual)
+    return residual + act(pre)
 
 
 @torch.jit.unused
@@ -1037,7 +1067,10 @@ class ResidualLayer(nn.Module):
         self.lin2 = _dense(hidden_channels, hidden_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.act(self.lin2(self.act(self.lin1(x))))
+        h = self.lin2(self.act(self.lin1(x)))
+        if torch.jit.is_scripting():
+            return x + self.act(h)
+        return _plus_activation(self.act, h, x)
 
 
 class _ResidualStack:
@@ -1047,7 +1080,10 @@ class _ResidualStack:
     def residual_stack(self, h: Tensor, x: Tensor) -> Tensor:
         for layer in self.layers_before_skip:
             h = layer(h)
-        h = self.act(self.lin(h)) + x
+        if torch.jit.is_scripting():
+            h = self.act(self.lin(h)) + x
+        else:
+            h = _plus_activation(self.act, self.lin(h), x)
         for layer in self.layers_after_skip:
             h = layer(h)
         return h

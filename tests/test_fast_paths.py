@@ -403,16 +403,48 @@ def test_compiled_swish_kernels_equal_the_eager_path_to_third_order(compiled_ker
     assert len(saved) == 2 and saved[1] is not None
 
 
-def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_kernels, qm9_sample_molecules):
-    """A DimeNet++ force-training step (energies, forces, weight gradients of a force loss, float32)
-    is the same with the fused kernels as without, to float32 rounding."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_swish_with_skip_connection_equals_the_eager_path(compiled_kernels, dtype):
+    """residual + swish(x) in one fused pass (the residual layers' skip connections): value, both
+    first derivatives and the second derivative equal the eager path's; a strided residual (the
+    split of DimeNet++'s merged edge layers) takes the unfused path with the same result."""
+    generator = torch.Generator().manual_seed(3)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    x0 = torch.randn(37, 128, generator=generator, dtype=dtype) * 4
+    wide = torch.randn(37, 256, generator=generator, dtype=dtype)
+    weights = torch.rand(37, 128, generator=generator, dtype=dtype) + 0.5
+    for residual0 in (wide[:, :128].contiguous(), wide[:, 128:]):
+        results = {}
+        for on in (False, True):
+            dc.enable_compiled_kernels(on)
+            x, residual = x0.clone().requires_grad_(True), residual0.clone().requires_grad_(True)
+            if not residual0.is_contiguous():
+                residual = residual0.detach().clone().t().contiguous().t().requires_grad_(True)
+            y = dc._plus_activation(dc.swish, x, residual)
+            first_x, first_r = torch.autograd.grad((weights * y).sum(), [x, residual], create_graph=True)
+            (second,) = torch.autograd.grad((weights * first_x**2).sum(), x)
+            results[on] = [y.detach(), first_x.detach(), first_r, second]
+            if on and residual.is_contiguous():
+                assert type(y.grad_fn).__name__ == "_SwishBackward"  # one fused node, no separate sum
+        for name, ours, reference in zip(("value", "d/dx", "d/dresidual", "second"), results[True], results[False]):
+            torch.testing.assert_close(ours, reference, **tolerance, msg=name)
+        torch.testing.assert_close(results[False][0], residual0 + torch.nn.functional.silu(x0), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_kernels, qm9_sample_molecules,
+                                                                       dtype):
+    """A DimeNet++ force-training step (energies, forces, weight gradients of a force loss) is the same
+    with the fused kernels as without: to 1e-9 in float64; in float32 to 1e-4 of each gradient's
+    largest entry (the kernels round differently, e.g. a fused multiply-add for residual + silu, and
+    the force loss's weight gradients amplify float32 rounding to ~2e-5 of that scale)."""
     samples = qm9_sample_molecules[:8]
     z = torch.cat([m["z"] for m in samples])
-    pos = torch.cat([m["pos"] for m in samples]).float()
+    pos = torch.cat([m["pos"] for m in samples]).to(dtype)
     molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
     torch.manual_seed(5)
     model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant="dimenet++", int_emb_size=16,
-                          basis_emb_size=4, out_emb_channels=32, output_initializer="glorot_orthogonal")
+                          basis_emb_size=4, out_emb_channels=32, output_initializer="glorot_orthogonal").to(dtype)
     results = {}
     for on in (False, True):
         dc.enable_compiled_kernels(on)
@@ -420,9 +452,10 @@ def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_
         loss = energy.abs().mean() + forces.square().mean()
         results[on] = [energy, forces] + list(torch.autograd.grad(loss, list(model.parameters())))
     names = ["energy", "forces"] + [name for name, _ in model.named_parameters()]
+    relative = 1e-9 if dtype == torch.float64 else 1e-4
     for name, ours, reference in zip(names, results[True], results[False]):
         scale = reference.abs().max().item()
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
+        torch.testing.assert_close(ours, reference, rtol=relative, atol=relative * max(scale, 1.0), msg=name)
     assert results[True][1].abs().max() > 0
 
 
