@@ -1014,10 +1014,11 @@ def glorot_orthogonal_(weight: Tensor, scale: float = 2.0) -> Tensor:
 
 
 def _narrow_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """x W^T + b for a layer with few inputs (the RBF's 6 or 8), W^T passed contiguous: autograd
-    then forms W's gradient as x^T @ grad ([in, E] x [E, out]), not as (grad^T @ x)^T to match
-    W's layout ([out, E] x [E, in]), which MKL runs 4x slower for in = 6, out = 128 on this
-    project's CPU (2.3 vs 0.5 ms on the QM9 batch). F.linear's values, to float rounding."""
+    """x W^T + b for a layer with few inputs (the RBF's 6 or 8, the SBF's 8), W^T passed
+    contiguous: autograd then forms W's gradient as x^T @ grad ([in, E] x [E, out]), not as
+    (grad^T @ x)^T to match W's layout ([out, E] x [E, in]), which MKL runs 4x slower for in = 6,
+    out = 128 on this project's CPU (2.3 vs 0.5 ms on the QM9 batch). F.linear's values, to
+    float rounding."""
     weight_t = weight.t().contiguous()
     if bias is None:
         return x @ weight_t
@@ -1232,9 +1233,8 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         num_edges, num_spherical, num_radial = radial.shape
         w1 = self.lin_sbf1.weight.t().reshape(num_spherical, num_radial, -1)  # [L, R, B]
         r = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w1.unbind(0))
-        # W_sbf2^T made contiguous: for a transposed view autograd forms W's gradient as
-        # grad^T @ r ([C, E * L] x [E * L, B], 4x slower here than r^T @ grad)
-        q = r.view(num_edges * num_spherical, -1) @ self.lin_sbf2.weight.t().contiguous()  # [E * L, C]
+        # a narrow-input layer (B = 8 inputs): W_sbf2's gradient as r^T @ grad (`_narrow_linear`)
+        q = _narrow_linear(r.view(num_edges * num_spherical, -1), self.lin_sbf2.weight)  # [E * L, C]
         return q.view(num_edges, num_spherical, -1)
 
     @torch.jit.unused
