@@ -490,7 +490,10 @@ def compile_kernels(enabled: bool, device) -> str:
         return dc.CompiledKernels.state()
     start = time.perf_counter()
     x = torch.randn(64, 128, device=device, requires_grad=True)
-    (first,) = torch.autograd.grad(dc.swish(x).sum(), x, create_graph=True)
+    residual = torch.randn(64, 128, device=device)
+    # every kernel: swish, residual + swish (the skip connections), and the second derivative
+    (first,) = torch.autograd.grad((dc.swish(x) + dc._plus_activation(dc.swish, x, residual)).sum(), x,
+                                   create_graph=True)
     first.square().sum().backward()
     if dc.CompiledKernels.failure is None and not dc.CompiledKernels.active_for(x):
         return f"eager (the fused kernels do not serve {device.type} tensors)"
