@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -825,73 +826,211 @@ def _swish_curvature_times(grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor
     return grad_grad * grad * s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
-# Inductor decides from the first call's size whether a kernel's loop runs on several threads
-# (none below ~1000 elements), and its cache key ignores that size: one small first call (a
-# test) would leave every later process a single-threaded kernel, 1.4x slower on [E, 128] here.
-# dynamic_threads: always one parallel loop, the OpenMP runtime splits it by the size at run time.
-_KERNEL_OPTIONS = {"cpp.dynamic_threads": True}
+# The fused swish kernels (`CompiledKernels`): C with AVX2/FMA vectors and OpenMP threads, compiled
+# with the system's C compiler when first used (-march=native: for the CPU that runs them) and
+# called through ctypes, ~10 us a call. exp: Cephes' range reduction and polynomial (float32, ~1 ulp)
+# and a degree-13 Taylor polynomial (float64); NaN propagates through the x factor of every result.
+_KERNEL_SOURCE = r"""
+#include <stdint.h>
+#include <stddef.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DZ_CHUNK 16384  /* one thread below this many elements */
+
+int dimezbl_vector_width(void) { return 8; }
+
+static inline __m256 dz_exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(89.0f)), _mm256_set1_ps(-87.0f));  /* > 88.72: inf */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256d dz_exp_pd(__m256d x) {
+    x = _mm256_max_pd(_mm256_min_pd(x, _mm256_set1_pd(710.0)), _mm256_set1_pd(-708.0));  /* > 709.78: inf */
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634074)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+    static const double inv_factorial[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+        1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
+        1.0 / 6227020800.0};
+    __m256d p = _mm256_set1_pd(inv_factorial[13]);
+    for (int k = 12; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_factorial[k]));
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)),
+                                                   _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+/* One vector: y = silu(x) (+ residual), slope = silu'(x) = s + y (1 - s), s = sigmoid(x). */
+#define DZ_SWISH(V, T, sfx, exp_fn)                                                         \
+static inline void dz_swish_##sfx(const T* x, const T* res, T* y, T* slope) {               \
+    V one = _mm256_set1_##sfx(1), v = _mm256_loadu_##sfx(x);                                 \
+    V s = _mm256_div_##sfx(one, _mm256_add_##sfx(one, exp_fn(_mm256_sub_##sfx(_mm256_setzero_##sfx(), v)))); \
+    V value = _mm256_mul_##sfx(v, s);                                                        \
+    _mm256_storeu_##sfx(slope, _mm256_fmadd_##sfx(value, _mm256_sub_##sfx(one, s), s));     \
+    if (res) value = _mm256_add_##sfx(value, _mm256_loadu_##sfx(res));                       \
+    _mm256_storeu_##sfx(y, value);                                                           \
+}                                                                                            \
+/* One vector: gg g silu''(x), silu''(x) = s (1 - s) (2 + x (1 - 2 s)). */                  \
+static inline void dz_curv_##sfx(const T* gg, const T* g, const T* x, T* out) {             \
+    V one = _mm256_set1_##sfx(1), v = _mm256_loadu_##sfx(x);                                 \
+    V s = _mm256_div_##sfx(one, _mm256_add_##sfx(one, exp_fn(_mm256_sub_##sfx(_mm256_setzero_##sfx(), v)))); \
+    V ds = _mm256_mul_##sfx(s, _mm256_sub_##sfx(one, s));                                    \
+    V shape = _mm256_fmadd_##sfx(v, _mm256_fnmadd_##sfx(_mm256_set1_##sfx(2), s, one), _mm256_set1_##sfx(2)); \
+    V gg_g = _mm256_mul_##sfx(_mm256_loadu_##sfx(gg), _mm256_loadu_##sfx(g));              \
+    _mm256_storeu_##sfx(out, _mm256_mul_##sfx(_mm256_mul_##sfx(gg_g, ds), shape));         \
+}                                                                                            \
+void dimezbl_swish_##sfx(const T* x, const T* res, T* y, T* slope, int64_t n, int threads) { \
+    const int w = 32 / sizeof(T);                                                            \
+    int64_t full = n / w;                                                                    \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (n >= DZ_CHUNK)")    \
+    for (int64_t b = 0; b < full; ++b)                                                       \
+        dz_swish_##sfx(x + b * w, res ? res + b * w : NULL, y + b * w, slope + b * w);       \
+    if (n > full * w) { /* the last partial vector through zero-padded copies */            \
+        T bx[8] = {0}, br[8] = {0}, by[8], bs[8]; int64_t o = full * w;                      \
+        for (int64_t k = o; k < n; ++k) { bx[k - o] = x[k]; if (res) br[k - o] = res[k]; }   \
+        dz_swish_##sfx(bx, res ? br : NULL, by, bs);                                         \
+        for (int64_t k = o; k < n; ++k) { y[k] = by[k - o]; slope[k] = bs[k - o]; }          \
+    }                                                                                        \
+}                                                                                            \
+void dimezbl_curvature_##sfx(const T* gg, const T* g, const T* x, T* out, int64_t n, int threads) { \
+    const int w = 32 / sizeof(T);                                                            \
+    int64_t full = n / w;                                                                    \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (n >= DZ_CHUNK)")    \
+    for (int64_t b = 0; b < full; ++b) dz_curv_##sfx(gg + b * w, g + b * w, x + b * w, out + b * w); \
+    if (n > full * w) {                                                                      \
+        T bgg[8] = {0}, bg[8] = {0}, bx[8] = {0}, bo[8]; int64_t o = full * w;               \
+        for (int64_t k = o; k < n; ++k) { bgg[k - o] = gg[k]; bg[k - o] = g[k]; bx[k - o] = x[k]; } \
+        dz_curv_##sfx(bgg, bg, bx, bo);                                                      \
+        for (int64_t k = o; k < n; ++k) out[k] = bo[k - o];                                  \
+    }                                                                                        \
+}
+
+DZ_SWISH(__m256, float, ps, dz_exp_ps)
+DZ_SWISH(__m256d, double, pd, dz_exp_pd)
+#else
+int dimezbl_vector_width(void) { return 1; }  /* no AVX2/FMA: the kernels are not used */
+#endif
+"""
+
+
+def _build_kernel_library() -> ctypes.CDLL:
+    """Compile `_KERNEL_SOURCE` (C compiler: $CC, else cc, gcc or clang on PATH) into a temporary
+    directory and load it; OpenMP where the compiler has it, else one thread. RuntimeError with the
+    compiler's message, or where this CPU has no AVX2/FMA (the kernels' only vector path)."""
+    compiler = os.environ.get("CC") or next(
+        (found for found in map(shutil.which, ("cc", "gcc", "clang")) if found), None)
+    if not compiler:
+        raise RuntimeError("no C compiler found (none of cc, gcc, clang on PATH, and CC is not set)")
+    with tempfile.TemporaryDirectory(prefix="dimezbl_kernels_") as folder:
+        source, library = os.path.join(folder, "kernels.c"), os.path.join(folder, "kernels.so")
+        with open(source, "w", encoding="utf-8") as handle:
+            handle.write(_KERNEL_SOURCE)
+        base = [compiler, "-O3", "-march=native", "-fPIC", "-shared", source, "-o", library, "-lm"]
+        errors = []
+        for openmp in (["-fopenmp"], []):
+            try:
+                done = subprocess.run(base[:1] + openmp + base[1:], capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as error:
+                raise RuntimeError(f"running the C compiler {compiler!r} failed: {error}") from error
+            if done.returncode == 0:
+                break
+            errors.append((done.stderr or done.stdout).strip().splitlines()[:1])
+        else:
+            raise RuntimeError(f"the C compiler {compiler!r} failed: {errors[-1][0] if errors[-1] else '?'}")
+        lib = ctypes.CDLL(library)  # mapped now; the folder can go
+    if lib.dimezbl_vector_width() < 8:
+        raise RuntimeError("this CPU has no AVX2/FMA, the fused kernels' vector path")
+    for name in ("dimezbl_swish_ps", "dimezbl_swish_pd", "dimezbl_curvature_ps", "dimezbl_curvature_pd"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
+        getattr(lib, name).restype = None
+    lib.openmp = bool(openmp)
+    return lib
 
 
 class CompiledKernels:
-    """Optional fused elementwise kernels for `swish` (issue 6), compiled by torch.compile
-    (Inductor: C++ on the CPU, so a C++ compiler is needed at run time).
+    """Optional fused elementwise kernels for `swish` (issue 6): C (AVX2/FMA, OpenMP), compiled by
+    the system's C compiler at the first use in each process (~0.3 s) and called through ctypes.
 
     On this CPU an elementwise pass over an [E, 128] tensor costs a third to a half of an exp
     (silu, silu_backward and sigmoid are bound by their exp), and a force training step spends
     ~14% of its time in the activation: torch's silu recomputes sigmoid(x) in every backward
     pass. With the kernels, the forward computes silu(x) and silu'(x) in one pass (one exp) and
     keeps silu'(x), every first derivative is then one product, and the second derivative one
-    fused pass. Values equal eager's to float32 rounding (tested).
+    fused pass. Values equal eager's to float32 rounding (tested; exp to ~1 ulp).
 
     Off by default; `enable_compiled_kernels()`, or DIMEZBL_COMPILED_KERNELS=1 in the
     environment when dimezbl_core is imported, turns them on (CPU tensors of float32/float64
-    only; CUDA keeps the eager path). The first call compiles (~15-25 s, a few seconds once
-    Inductor's cache under /tmp holds it); if compiling fails, a warning names the cause and
-    the eager path takes over. Memory: silu'(x) is kept beside x, one more [E, 128] tensor per
-    activation until the backward.
+    only; CUDA keeps the eager path). Where they cannot be built (no C compiler, no AVX2/FMA),
+    a warning names the cause and the eager path takes over. Memory: silu'(x) is kept beside x,
+    one more [E, 128] tensor per activation until the backward. (Sessions 16-17 compiled the same
+    formulas with torch.compile; its dynamo/Inductor wrapper cost ~0.2 ms a call, and its exp was
+    slower: 2.0 vs 1.3 ms for silu(x) and silu'(x) on the QM9 batch's [E, 128].)
     """
 
     enabled = os.environ.get("DIMEZBL_COMPILED_KERNELS", "0").strip().lower() in ("1", "true", "yes", "on")
     failure: Optional[str] = None
-    _value_and_slope = None
-    _value_and_slope_plus = None
-    _curvature_times = None
+    _library: Optional[ctypes.CDLL] = None
 
     @classmethod
     def active_for(cls, x: Tensor) -> bool:
         """Whether `swish` takes the fused path for x: enabled, not failed, a CPU float tensor, and
-        no Python dispatch mode (an op timer, FakeTensor tracing) active, under which compiled
-        code does not run."""
+        no Python dispatch mode (an op timer, FakeTensor tracing) active, under which the kernels'
+        raw memory access would bypass it."""
         return (cls.enabled and cls.failure is None and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting()
                 and _get_current_dispatch_mode() is None)
 
     @classmethod
-    def _call(cls, name: str, fallback, *tensors: Tensor):
-        """The compiled `fallback` on the flattened tensors (one compiled graph for every shape),
-        reshaped back; on a compile failure: disabled, with a warning, and `fallback` itself."""
-        shape = tensors[0].shape
-        if cls.failure is not None or _get_current_dispatch_mode() is not None:
-            return fallback(*tensors)
-        try:
-            kernel = getattr(cls, name)
-            if kernel is None:
-                kernel = torch.compile(fallback, dynamic=True, fullgraph=True, options=_KERNEL_OPTIONS)
-                setattr(cls, name, kernel)
-            with torch.no_grad():
-                out = kernel(*(t.reshape(-1) for t in tensors))
-        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say why
-            message = str(error).strip()
-            cls.failure = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
-            warnings.warn(
-                f"dimezbl_core: compiling the fused swish kernels failed ({cls.failure}); using the "
-                "eager path from now on (same values). torch.compile on the CPU needs a working C++ "
-                "compiler (e.g. `apt install g++`); or unset DIMEZBL_COMPILED_KERNELS.",
-                RuntimeWarning, stacklevel=3)
-            return fallback(*tensors)
-        if isinstance(out, tuple):
-            return tuple(o.view(shape) for o in out)
-        return out.view(shape)
+    def library(cls) -> Optional[ctypes.CDLL]:
+        """The loaded kernels, built at the first call; None (with one warning naming the cause
+        and the fix, and the eager path from then on) where they cannot be built."""
+        if cls._library is None and cls.failure is None:
+            try:
+                cls._library = _build_kernel_library()
+            except (RuntimeError, OSError) as error:
+                cls.failure = str(error)
+                warnings.warn(
+                    f"dimezbl_core: building the fused swish kernels failed ({cls.failure}); using the eager "
+                    "path from now on (same values). They need a C compiler (e.g. `apt install gcc`, or CC=...) "
+                    "and an x86-64 CPU with AVX2/FMA; or unset DIMEZBL_COMPILED_KERNELS.",
+                    RuntimeWarning, stacklevel=4)
+        return cls._library
+
+    @classmethod
+    def _run(cls, kernel: str, fallback, tensors: Tuple[Tensor, ...], optional: Optional[Tensor] = None,
+             outputs: int = 1):
+        """kernel(tensors..., optional or NULL, outputs...) on contiguous copies of same-shaped CPU
+        tensors of one float dtype; `fallback(*tensors[, optional])` where the kernels are off or failed."""
+        args = tensors if optional is None else tensors + (optional,)
+        library = cls.library() if _get_current_dispatch_mode() is None else None
+        if library is None:
+            return fallback(*args)
+        x = tensors[0]
+        for t in args:
+            if t.shape != x.shape or t.dtype != x.dtype or t.device.type != "cpu":
+                raise ValueError(f"fused swish kernel {kernel}: tensors of shape {tuple(x.shape)}, {x.dtype} on the "
+                                 f"CPU expected, got {tuple(t.shape)}, {t.dtype} on {t.device}")
+        inputs = [t.detach().contiguous() for t in tensors]
+        extra = optional.detach().contiguous() if optional is not None else None
+        out = [torch.empty_like(inputs[0]) for _ in range(outputs)]
+        pointers = [t.data_ptr() for t in inputs]
+        if kernel == "swish":
+            pointers.append(extra.data_ptr() if extra is not None else None)
+        getattr(library, f"dimezbl_{kernel}_{'ps' if x.dtype == torch.float32 else 'pd'}")(
+            *pointers, *(o.data_ptr() for o in out), x.numel(), torch.get_num_threads())
+        return tuple(out) if outputs > 1 else out[0]
 
     @classmethod
     def state(cls) -> str:
@@ -899,20 +1038,20 @@ class CompiledKernels:
         if not cls.enabled:
             return "eager"
         if cls.failure is not None:
-            return f"eager (compiling the fused kernels failed: {cls.failure})"
-        return "fused kernels (DIMEZBL_COMPILED_KERNELS / enable_compiled_kernels)"
+            return f"eager (building the fused kernels failed: {cls.failure})"
+        return "fused kernels (C, AVX2; DIMEZBL_COMPILED_KERNELS / enable_compiled_kernels)"
 
     @classmethod
     def value_and_slope(cls, x: Tensor) -> Tuple[Tensor, Tensor]:
-        return cls._call("_value_and_slope", _swish_value_and_slope, x)
+        return cls._run("swish", _swish_value_and_slope, (x,), outputs=2)
 
     @classmethod
     def value_and_slope_plus(cls, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
-        return cls._call("_value_and_slope_plus", _swish_value_and_slope_plus, x, residual)
+        return cls._run("swish", _swish_value_and_slope_plus, (x,), residual, outputs=2)
 
     @classmethod
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
-        return cls._call("_curvature_times", _swish_curvature_times, grad_grad, grad, x)
+        return cls._run("curvature", _swish_curvature_times, (grad_grad, grad, x))
 
 
 def enable_compiled_kernels(enabled: bool = True) -> bool:

@@ -592,7 +592,7 @@ def parse_args(argv):
                         help="timed repetitions of our DimeNet++ and PyG DimeNet++ taken even past the deadline "
                              "(default 3: the DimeNet++ ratios are the goal closest to its threshold)")
     parser.add_argument("--compiled-kernels", choices=("on", "off"), default="on",
-                        help="our models with dimezbl_core's fused swish kernels (torch.compile; CompiledKernels), "
+                        help="our models with dimezbl_core's fused swish kernels (C, built at start-up; CompiledKernels), "
                              "compiled before any timing (default on; off: the eager path, dimezbl_core's default)")
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
     args = parser.parse_args(argv)

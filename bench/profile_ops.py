@@ -13,7 +13,7 @@ of the batch's sizes N atoms / E edges / T triplets its leading dimension is) wi
 Run: .venv/bin/python bench/profile_ops.py [--models ours_dimenetpp pyg_dimenetpp] [--kind force_train_step]
      [--workload qm9] [--repeat 3] [--top 30] [--out results/benchmark/profile_<workload>_<kind>.txt]
 Pause other jobs on the machine while it runs; the numbers are per step of a batch of 32 molecules.
-Our models run their eager path here: torch.compile'd kernels (dimezbl_core.CompiledKernels) do not run
+Our models run their eager path here: the fused C kernels (dimezbl_core.CompiledKernels) do not run
 under a dispatch mode, so the op timer cannot see them; bench_dimenet.py times them.
 """
 import argparse
