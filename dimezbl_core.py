@@ -919,6 +919,29 @@ void dimezbl_curvature_##sfx(const T* gg, const T* g, const T* x, T* out, int64_
 
 DZ_SWISH(__m256, float, ps, dz_exp_ps)
 DZ_SWISH(__m256d, double, pd, dz_exp_pd)
+
+/* The gradients of m[e, l, c] = q[e, l, c] x[e, c] in one pass: grad_q = g x, grad_x = sum_l g q. */
+#define DZ_MESSAGE_BACKWARD(T, sfx)                                                           \
+void dimezbl_message_backward_##sfx(const T* restrict g, const T* restrict q, const T* restrict x, \
+                                    T* restrict grad_q, T* restrict grad_x, int64_t edges,      \
+                                    int64_t width, int64_t channels, int threads) {            \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (edges * width * channels >= DZ_CHUNK)") \
+    for (int64_t e = 0; e < edges; ++e) {                                                     \
+        const T* xe = x + e * channels;                                                       \
+        T* gx = grad_x + e * channels;                                                        \
+        for (int64_t c = 0; c < channels; ++c) gx[c] = 0;                                     \
+        for (int64_t l = 0; l < width; ++l) {                                                 \
+            int64_t o = (e * width + l) * channels;                                           \
+            for (int64_t c = 0; c < channels; ++c) {                                          \
+                grad_q[o + c] = g[o + c] * xe[c];                                             \
+                gx[c] += g[o + c] * q[o + c];                                                 \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+DZ_MESSAGE_BACKWARD(float, ps)
+DZ_MESSAGE_BACKWARD(double, pd)
 #else
 int dimezbl_vector_width(void) { return 1; }  /* no AVX2/FMA: the kernels are not used */
 #endif
@@ -954,6 +977,9 @@ def _build_kernel_library() -> ctypes.CDLL:
         raise RuntimeError("this CPU has no AVX2/FMA, the fused kernels' vector path")
     for name in ("dimezbl_swish_ps", "dimezbl_swish_pd", "dimezbl_curvature_ps", "dimezbl_curvature_pd"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int]
+        getattr(lib, name).restype = None
+    for name in ("dimezbl_message_backward_ps", "dimezbl_message_backward_pd"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
     lib.openmp = bool(openmp)
     return lib
@@ -1053,6 +1079,23 @@ class CompiledKernels:
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         return cls._run("curvature", _swish_curvature_times, (grad_grad, grad, x))
 
+    @classmethod
+    def message_backward(cls, grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(grad x[:, None], (grad q).sum(1)): the gradients of m = q x[:, None] for q, grad [E, L, C]
+        and x [E, C], in one pass (eager: three, with an [E, L, C] temporary)."""
+        library = cls.library() if _get_current_dispatch_mode() is None else None
+        if library is None:
+            return _message_gradients(grad, q, x)
+        if grad.shape != q.shape or x.shape != (q.shape[0], q.shape[2]) or not grad.dtype == q.dtype == x.dtype:
+            raise ValueError(f"message_backward: grad and q [E, L, C] and x [E, C] of one dtype expected, got "
+                             f"{tuple(grad.shape)}, {tuple(q.shape)}, {tuple(x.shape)}")
+        grad, q, x = grad.detach().contiguous(), q.detach().contiguous(), x.detach().contiguous()
+        grad_q, grad_x = torch.empty_like(q), torch.empty_like(x)
+        getattr(library, f"dimezbl_message_backward_{'ps' if q.dtype == torch.float32 else 'pd'}")(
+            grad.data_ptr(), q.data_ptr(), x.data_ptr(), grad_q.data_ptr(), grad_x.data_ptr(),
+            q.shape[0], q.shape[1], q.shape[2], torch.get_num_threads())
+        return grad_q, grad_x
+
 
 def enable_compiled_kernels(enabled: bool = True) -> bool:
     """Turn the fused swish kernels (`CompiledKernels`) on or off for this process; returns
@@ -1060,6 +1103,30 @@ def enable_compiled_kernels(enabled: bool = True) -> bool:
     before = CompiledKernels.enabled
     CompiledKernels.enabled = bool(enabled)
     return before
+
+
+def _message_gradients(grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """The gradients of m = q x[:, None] (q [E, L, C], x [E, C]) for q and x, differentiable."""
+    return grad * x.unsqueeze(1), (grad * q).sum(1)
+
+
+class _EdgeMessages(torch.autograd.Function):
+    """m[e, l, c] = q[e, l, c] x[e, c] (DimeNet++'s per-edge messages before the triplet sum); the
+    first-order backward as one fused pass where the fused kernels run, the differentiable
+    composite under create_graph (force training's first backward)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(q, x)
+        return q * x.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, x = ctx.saved_tensors
+        if not torch.is_grad_enabled() and CompiledKernels.active_for(q) and all(ctx.needs_input_grad):
+            return CompiledKernels.message_backward(grad, q, x)
+        grad_q, grad_x = _message_gradients(grad, q, x)
+        return (grad_q if ctx.needs_input_grad[0] else None), (grad_x if ctx.needs_input_grad[1] else None)
 
 
 class _SwishGrad(torch.autograd.Function):
@@ -1388,7 +1455,7 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         sparse product with L = 7 weights per triplet (`triplet_contract`, plan from
         `TripletPlan.transposed`), giving [E, int_emb] directly."""
         x_ji, x_kj = self.edge_features(x, rbf)
-        g = self.sbf_per_edge(radial) * x_kj.unsqueeze(1)  # [E, L, C]
+        g = _EdgeMessages.apply(self.sbf_per_edge(radial), x_kj)  # [E, L, C]
         return self.residual_stack(x_ji + self.act(self.lin_up(triplet_contract(plan, angular, g))), x)
 
 
