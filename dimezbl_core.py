@@ -942,6 +942,150 @@ void dimezbl_message_backward_##sfx(const T* restrict g, const T* restrict q, co
 
 DZ_MESSAGE_BACKWARD(float, ps)
 DZ_MESSAGE_BACKWARD(double, pd)
+
+/* DimeNet++'s per-edge messages through the rank-B SBF embedding, q never stored:
+   g[e, l, c] = x[e, c] q[e, l, c], q[e, l, c] = sum_b r[e, l, b] wt[b, c] (wt = W_sbf2^T [B, C]);
+   and the first-order backward: grad_x = sum_l G q, grad_r = (G x) wt^T, grad_wt = sum_(e, l) r^T (G x)
+   (per-thread partial sums in double, added in thread order). q is recomputed per row. */
+#define DZ_MAX_CHANNELS 512
+#define DZ_MAX_BASIS 16
+#define DZ_SBF_MESSAGES(T, sfx)                                                               \
+static inline void dz_q_row_##sfx(const T* restrict re, const T* restrict wt, T* restrict q,  \
+                                  int64_t basis, int64_t channels) {                          \
+    for (int64_t c = 0; c < channels; ++c) q[c] = 0;                                          \
+    for (int64_t b = 0; b < basis; ++b) {                                                     \
+        const T rb = re[b], *w = wt + b * channels;                                           \
+        for (int64_t c = 0; c < channels; ++c) q[c] += rb * w[c];                             \
+    }                                                                                         \
+}                                                                                             \
+void dimezbl_sbf_messages_##sfx(const T* restrict r, const T* restrict wt, const T* restrict x, \
+                                T* restrict g, int64_t edges, int64_t width, int64_t basis,   \
+                                int64_t channels, int threads) {                              \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (edges * width * channels >= DZ_CHUNK)") \
+    for (int64_t e = 0; e < edges; ++e) {                                                     \
+        T q[DZ_MAX_CHANNELS];                                                                 \
+        const T* xe = x + e * channels;                                                       \
+        for (int64_t l = 0; l < width; ++l) {                                                 \
+            int64_t row = e * width + l;                                                      \
+            dz_q_row_##sfx(r + row * basis, wt, q, basis, channels);                          \
+            T* ge = g + row * channels;                                                       \
+            for (int64_t c = 0; c < channels; ++c) ge[c] = q[c] * xe[c];                      \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+int dimezbl_sbf_messages_backward_##sfx(const T* restrict grad, const T* restrict r, const T* restrict wt, \
+                                        const T* restrict x, T* restrict grad_r, T* restrict grad_x, \
+                                        T* restrict grad_wt, int64_t edges, int64_t width, int64_t basis, \
+                                        int64_t channels, int threads) {                      \
+    int team = edges * width * channels >= DZ_CHUNK ? threads : 1;                            \
+    int64_t size = basis * channels;                                                          \
+    double* partial = calloc((size_t)team * (size_t)size, sizeof(double));                    \
+    if (!partial) return -1;                                                                  \
+    _Pragma("omp parallel num_threads(team)")                                                 \
+    {                                                                                         \
+        double* acc = partial + (size_t)omp_get_thread_num() * (size_t)size;                  \
+        T q[DZ_MAX_CHANNELS], gq[DZ_MAX_CHANNELS], block[DZ_MAX_BASIS * DZ_MAX_CHANNELS];     \
+        _Pragma("omp for schedule(static)")                                                   \
+        for (int64_t e = 0; e < edges; ++e) {                                                 \
+            const T* xe = x + e * channels;                                                   \
+            T* gx = grad_x + e * channels;                                                    \
+            for (int64_t c = 0; c < channels; ++c) gx[c] = 0;                                 \
+            for (int64_t k = 0; k < size; ++k) block[k] = 0;                                  \
+            for (int64_t l = 0; l < width; ++l) {                                             \
+                int64_t row = e * width + l;                                                  \
+                const T* re = r + row * basis;                                                \
+                const T* ge = grad + row * channels;                                          \
+                dz_q_row_##sfx(re, wt, q, basis, channels);                                   \
+                for (int64_t c = 0; c < channels; ++c) { gq[c] = ge[c] * xe[c]; gx[c] += ge[c] * q[c]; } \
+                for (int64_t b = 0; b < basis; ++b) {                                         \
+                    const T* w = wt + b * channels;                                           \
+                    T lanes[8] = {0}, dot = 0, rb = re[b];                                    \
+                    T* blk = block + b * channels;                                            \
+                    int64_t full = channels / 8 * 8;                                          \
+                    for (int64_t c = 0; c < full; c += 8)  /* 8 running sums: vectorised */  \
+                        for (int j = 0; j < 8; ++j) lanes[j] += gq[c + j] * w[c + j];         \
+                    for (int64_t c = full; c < channels; ++c) dot += gq[c] * w[c];            \
+                    for (int j = 0; j < 8; ++j) dot += lanes[j];                              \
+                    for (int64_t c = 0; c < channels; ++c) blk[c] += rb * gq[c];              \
+                    grad_r[row * basis + b] = dot;                                            \
+                }                                                                             \
+            }                                                                                 \
+            for (int64_t k = 0; k < size; ++k) acc[k] += block[k];                            \
+        }                                                                                     \
+    }                                                                                         \
+    for (int64_t k = 0; k < size; ++k) {                                                      \
+        double total = 0;                                                                     \
+        for (int t = 0; t < team; ++t) total += partial[(size_t)t * (size_t)size + k];        \
+        grad_wt[k] = (T)total;                                                                \
+    }                                                                                         \
+    free(partial);                                                                            \
+    return 0;                                                                                 \
+}
+
+DZ_SBF_MESSAGES(float, ps)
+DZ_SBF_MESSAGES(double, pd)
+
+/* The float32 backward for channels a multiple of 8, with AVX2 vectors (the model's case: 64). */
+static inline float dz_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+int dimezbl_sbf_messages_backward_ps8(const float* restrict grad, const float* restrict r,
+                                      const float* restrict wt, const float* restrict x,
+                                      float* restrict grad_r, float* restrict grad_x, float* restrict grad_wt,
+                                      int64_t edges, int64_t width, int64_t basis, int64_t channels, int threads) {
+    int team = edges * width * channels >= DZ_CHUNK ? threads : 1;
+    int64_t size = basis * channels;
+    double* partial = calloc((size_t)team * (size_t)size, sizeof(double));
+    if (!partial) return -1;
+    _Pragma("omp parallel num_threads(team)")
+    {
+        double* acc = partial + (size_t)omp_get_thread_num() * (size_t)size;
+        float gq[DZ_MAX_CHANNELS] __attribute__((aligned(32)));
+        float block[DZ_MAX_BASIS * DZ_MAX_CHANNELS] __attribute__((aligned(32)));
+        _Pragma("omp for schedule(static)")
+        for (int64_t e = 0; e < edges; ++e) {
+            const float* xe = x + e * channels;
+            float* gx = grad_x + e * channels;
+            for (int64_t c = 0; c < channels; ++c) gx[c] = 0;
+            for (int64_t k = 0; k < size; ++k) block[k] = 0;
+            for (int64_t l = 0; l < width; ++l) {
+                int64_t row = e * width + l;
+                const float* re = r + row * basis;
+                const float* ge = grad + row * channels;
+                for (int64_t c = 0; c < channels; c += 8) {
+                    __m256 q = _mm256_setzero_ps();
+                    for (int64_t b = 0; b < basis; ++b)
+                        q = _mm256_fmadd_ps(_mm256_set1_ps(re[b]), _mm256_loadu_ps(wt + b * channels + c), q);
+                    __m256 g = _mm256_loadu_ps(ge + c);
+                    _mm256_storeu_ps(gx + c, _mm256_fmadd_ps(g, q, _mm256_loadu_ps(gx + c)));
+                    _mm256_store_ps(gq + c, _mm256_mul_ps(g, _mm256_loadu_ps(xe + c)));
+                }
+                for (int64_t b = 0; b < basis; ++b) {
+                    const float* w = wt + b * channels;
+                    float* blk = block + b * channels;
+                    __m256 dot = _mm256_setzero_ps(), rb = _mm256_set1_ps(re[b]);
+                    for (int64_t c = 0; c < channels; c += 8) {
+                        __m256 v = _mm256_load_ps(gq + c);
+                        dot = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + c), dot);
+                        _mm256_store_ps(blk + c, _mm256_fmadd_ps(rb, v, _mm256_load_ps(blk + c)));
+                    }
+                    grad_r[row * basis + b] = dz_hsum_ps(dot);
+                }
+            }
+            for (int64_t k = 0; k < size; ++k) acc[k] += block[k];
+        }
+    }
+    for (int64_t k = 0; k < size; ++k) {
+        double total = 0;
+        for (int t = 0; t < team; ++t) total += partial[(size_t)t * (size_t)size + k];
+        grad_wt[k] = (float)total;
+    }
+    free(partial);
+    return 0;
+}
 #else
 int dimezbl_vector_width(void) { return 1; }  /* no AVX2/FMA: the kernels are not used */
 #endif
@@ -981,6 +1125,13 @@ def _build_kernel_library() -> ctypes.CDLL:
     for name in ("dimezbl_message_backward_ps", "dimezbl_message_backward_pd"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
+    for name in ("dimezbl_sbf_messages_ps", "dimezbl_sbf_messages_pd"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        getattr(lib, name).restype = None
+    for name in ("dimezbl_sbf_messages_backward_ps", "dimezbl_sbf_messages_backward_pd",
+                 "dimezbl_sbf_messages_backward_ps8"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
     lib.openmp = bool(openmp)
     return lib
 
@@ -1082,6 +1233,40 @@ class CompiledKernels:
         return cls._run("curvature", _swish_curvature_times, (grad_grad, grad, x))
 
     @classmethod
+    def sbf_messages(cls, r: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        """g[e, l, c] = x[e, c] sum_b r[e, l, b] weight[c, b] (r [E, L, B], weight [C, B], x [E, C]) in one
+        pass, q = r weight^T never stored."""
+        library = cls.library() if _get_current_dispatch_mode() is None else None
+        if library is None:
+            return (r @ weight.t()) * x.unsqueeze(1)
+        r, wt, x = r.detach().contiguous(), weight.detach().t().contiguous(), x.detach().contiguous()
+        edges, width, basis = r.shape
+        g = r.new_empty(edges, width, wt.shape[1])
+        getattr(library, f"dimezbl_sbf_messages_{'ps' if r.dtype == torch.float32 else 'pd'}")(
+            r.data_ptr(), wt.data_ptr(), x.data_ptr(), g.data_ptr(), edges, width, basis, wt.shape[1],
+            torch.get_num_threads())
+        return g
+
+    @classmethod
+    def sbf_messages_backward(cls, grad: Tensor, r: Tensor, weight: Tensor, x: Tensor
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The gradients of `sbf_messages` for r, weight and x, in one pass (q recomputed per row)."""
+        library = cls.library() if _get_current_dispatch_mode() is None else None
+        if library is None:
+            return _sbf_message_gradients(grad, r, weight, x)
+        grad, r, x = grad.detach().contiguous(), r.detach().contiguous(), x.detach().contiguous()
+        wt = weight.detach().t().contiguous()
+        edges, width, basis = r.shape
+        grad_r, grad_x, grad_wt = torch.empty_like(r), torch.empty_like(x), torch.empty_like(wt)
+        kind = "pd" if r.dtype == torch.float64 else "ps8" if wt.shape[1] % 8 == 0 else "ps"
+        status = getattr(library, f"dimezbl_sbf_messages_backward_{kind}")(
+            grad.data_ptr(), r.data_ptr(), wt.data_ptr(), x.data_ptr(), grad_r.data_ptr(), grad_x.data_ptr(),
+            grad_wt.data_ptr(), edges, width, basis, wt.shape[1], torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("sbf_messages_backward: no memory for the weight gradient's per-thread partial sums")
+        return grad_r, grad_wt.t(), grad_x
+
+    @classmethod
     def message_backward(cls, grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(grad x[:, None], (grad q).sum(1)): the gradients of m = q x[:, None] for q, grad [E, L, C]
         and x [E, C], in one pass (eager: three, with an [E, L, C] temporary)."""
@@ -1110,6 +1295,32 @@ def enable_compiled_kernels(enabled: bool = True) -> bool:
 def _message_gradients(grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     """The gradients of m = q x[:, None] (q [E, L, C], x [E, C]) for q and x, differentiable."""
     return grad * x.unsqueeze(1), (grad * q).sum(1)
+
+
+def _sbf_message_gradients(grad: Tensor, r: Tensor, weight: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of g = (r weight^T) x[:, None] (r [E, L, B], weight [C, B], x [E, C]) for r,
+    weight and x; differentiable (q = r weight^T recomputed)."""
+    grad_q = grad * x.unsqueeze(1)
+    grad_x = (grad * (r @ weight.t())).sum(1)
+    return grad_q @ weight, grad_q.reshape(-1, grad_q.size(-1)).t() @ r.reshape(-1, r.size(-1)), grad_x
+
+
+class _SbfMessages(torch.autograd.Function):
+    """g[e, l, c] = x[e, c] sum_b r[e, l, b] W_sbf2[c, b]: DimeNet++'s per-edge messages through the
+    rank-B SBF embedding, with the fused kernels: forward and first-order backward one pass each,
+    q = r W_sbf2^T never stored; under create_graph (force training) the differentiable composite."""
+
+    @staticmethod
+    def forward(ctx, r: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(r, weight, x)
+        return CompiledKernels.sbf_messages(r, weight, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        r, weight, x = ctx.saved_tensors
+        if not torch.is_grad_enabled() and CompiledKernels.active_for(r):
+            return CompiledKernels.sbf_messages_backward(grad, r, weight, x)
+        return _sbf_message_gradients(grad, r, weight, x)
 
 
 class _EdgeMessages(torch.autograd.Function):
@@ -1438,12 +1649,18 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         the [E * L, basis_emb] rows: E L basis_emb (R + int_emb) multiply-adds, a fifth of those of
         the [L * R, L * int_emb] block-diagonal product of W_sbf1^T W_sbf2^T (whose blocks are 6/7
         zeros)."""
-        num_edges, num_spherical, num_radial = radial.shape
-        w1 = self.lin_sbf1.weight.t().reshape(num_spherical, num_radial, -1)  # [L, R, B]
-        r = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w1.unbind(0))
+        num_edges, num_spherical, _ = radial.shape
+        r = self.sbf_basis_embedding(radial)
         # a narrow-input layer (B = 8 inputs): W_sbf2's gradient as r^T @ grad (`_narrow_linear`)
         q = _narrow_linear(r.view(num_edges * num_spherical, -1), self.lin_sbf2.weight)  # [E * L, C]
         return q.view(num_edges, num_spherical, -1)
+
+    def sbf_basis_embedding(self, radial: Tensor) -> Tensor:
+        """r[e, l, b] = sum_n radial[e, l, n] W_sbf1[b, (l, n)]: [E, L, basis_emb] (`sbf_per_edge`)."""
+        num_edges, num_spherical, num_radial = radial.shape
+        w1 = self.lin_sbf1.weight.t().reshape(num_spherical, num_radial, -1)  # [L, R, B]
+        r = radial.reshape(num_edges, num_spherical * num_radial) @ torch.block_diag(*w1.unbind(0))
+        return r.view(num_edges, num_spherical, -1)
 
     @torch.jit.unused
     def factored(self, x: Tensor, rbf: Tensor, radial: Tensor, angular: Tensor, plan: TripletPlan) -> Tensor:
@@ -1457,7 +1674,14 @@ class InteractionPPBlock(_ResidualStack, nn.Module):
         sparse product with L = 7 weights per triplet (`triplet_contract`, plan from
         `TripletPlan.transposed`), giving [E, int_emb] directly."""
         x_ji, x_kj = self.edge_features(x, rbf)
-        g = _EdgeMessages.apply(self.sbf_per_edge(radial), x_kj)  # [E, L, C]
+        weight = self.lin_sbf2.weight
+        # energies only (the geometry, hence radial, without grad): one fused pass each way, q never
+        # stored; with forces (a second backward in force training) q is kept, cheaper to differentiate
+        if (CompiledKernels.active_for(x_kj) and not radial.requires_grad and weight.size(0) <= 512
+                and weight.size(1) <= 16 and radial.dtype == x_kj.dtype == weight.dtype):
+            g = _SbfMessages.apply(self.sbf_basis_embedding(radial), weight, x_kj)  # [E, L, C]
+        else:
+            g = _EdgeMessages.apply(self.sbf_per_edge(radial), x_kj)
         return self.residual_stack(x_ji + self.act(self.lin_up(triplet_contract(plan, angular, g))), x)
 
 
