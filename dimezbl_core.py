@@ -1218,7 +1218,9 @@ class CompiledKernels:
             return "eager"
         if cls.failure is not None:
             return f"eager (building the fused kernels failed: {cls.failure})"
-        return "fused kernels (C, AVX2; DIMEZBL_COMPILED_KERNELS / enable_compiled_kernels)"
+        threads = ("built at the first call" if cls._library is None else "OpenMP" if cls._library.openmp
+                   else "one thread: built without OpenMP")
+        return f"fused kernels (C, AVX2, {threads}; DIMEZBL_COMPILED_KERNELS / enable_compiled_kernels)"
 
     @classmethod
     def value_and_slope(cls, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -1232,6 +1234,17 @@ class CompiledKernels:
     def curvature_times(cls, grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor:
         return cls._run("curvature", _swish_curvature_times, (grad_grad, grad, x))
 
+    @staticmethod
+    def _check_sbf_messages(r: Tensor, weight: Tensor, x: Tensor, grad: Optional[Tensor] = None) -> None:
+        """The shapes and dtypes the raw-pointer kernels rely on (ValueError otherwise)."""
+        ok = (r.dim() == 3 and weight.dim() == 2 and r.size(2) == weight.size(1) <= 16 and weight.size(0) <= 512
+              and x.shape == (r.size(0), weight.size(0)) and r.dtype == weight.dtype == x.dtype
+              and (grad is None or (grad.shape == (r.size(0), r.size(1), weight.size(0)) and grad.dtype == r.dtype)))
+        if not ok:
+            raise ValueError(f"sbf_messages: r [E, L, B], weight [C, B] (B <= 16, C <= 512), x [E, C] (and grad "
+                             f"[E, L, C]) of one dtype expected, got {tuple(r.shape)}, {tuple(weight.shape)}, "
+                             f"{tuple(x.shape)}{'' if grad is None else ', ' + str(tuple(grad.shape))}")
+
     @classmethod
     def sbf_messages(cls, r: Tensor, weight: Tensor, x: Tensor) -> Tensor:
         """g[e, l, c] = x[e, c] sum_b r[e, l, b] weight[c, b] (r [E, L, B], weight [C, B], x [E, C]) in one
@@ -1239,6 +1252,7 @@ class CompiledKernels:
         library = cls.library() if _get_current_dispatch_mode() is None else None
         if library is None:
             return (r @ weight.t()) * x.unsqueeze(1)
+        cls._check_sbf_messages(r, weight, x)
         r, wt, x = r.detach().contiguous(), weight.detach().t().contiguous(), x.detach().contiguous()
         edges, width, basis = r.shape
         g = r.new_empty(edges, width, wt.shape[1])
@@ -1254,6 +1268,7 @@ class CompiledKernels:
         library = cls.library() if _get_current_dispatch_mode() is None else None
         if library is None:
             return _sbf_message_gradients(grad, r, weight, x)
+        cls._check_sbf_messages(r, weight, x, grad)
         grad, r, x = grad.detach().contiguous(), r.detach().contiguous(), x.detach().contiguous()
         wt = weight.detach().t().contiguous()
         edges, width, basis = r.shape

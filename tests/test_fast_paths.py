@@ -512,6 +512,11 @@ def test_fused_sbf_messages_equal_the_composite(compiled_kernels):
                                          dc._sbf_message_gradients(grad, r, weight, x)):
             scale = reference.abs().max().item()
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    # the raw-pointer kernels refuse shapes they would read past
+    with pytest.raises(ValueError, match="weight \\[C, B\\]"):
+        compiled_kernels.sbf_messages(r, weight[:, :-1], x)
+    with pytest.raises(ValueError, match="grad"):
+        compiled_kernels.sbf_messages_backward(grad[:, :-1], r, weight, x)
 
 
 def test_fused_kernels_in_energy_training_equal_the_eager_path(compiled_kernels, qm9_sample_molecules, monkeypatch):
