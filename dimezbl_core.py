@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -828,7 +829,7 @@ def _swish_curvature_times(grad_grad: Tensor, grad: Tensor, x: Tensor) -> Tensor
 
 # The fused swish kernels (`CompiledKernels`): C with AVX2/FMA vectors and OpenMP threads, compiled
 # with the system's C compiler when first used (-march=native: for the CPU that runs them) and
-# called through ctypes, ~10 us a call. exp: Cephes' range reduction and polynomial (float32, ~1 ulp)
+# called through ctypes, ~30 us of Python a call. exp: Cephes' range reduction and polynomial (float32, ~1 ulp)
 # and a degree-13 Taylor polynomial (float64); NaN propagates through the x factor of every result.
 _KERNEL_SOURCE = r"""
 #include <stdint.h>
@@ -1096,19 +1097,23 @@ def _build_kernel_library() -> ctypes.CDLL:
     """Compile `_KERNEL_SOURCE` (C compiler: $CC, else cc, gcc or clang on PATH) into a temporary
     directory and load it; OpenMP where the compiler has it, else one thread. RuntimeError with the
     compiler's message, or where this CPU has no AVX2/FMA (the kernels' only vector path)."""
-    compiler = os.environ.get("CC") or next(
+    compiler = os.environ.get("CC", "").strip() or next(
         (found for found in map(shutil.which, ("cc", "gcc", "clang")) if found), None)
     if not compiler:
         raise RuntimeError("no C compiler found (none of cc, gcc, clang on PATH, and CC is not set)")
+    try:  # CC may carry a launcher or flags, e.g. "ccache gcc"
+        command = shlex.split(compiler)
+    except ValueError as error:
+        raise RuntimeError(f"CC={compiler!r} is not a valid command line: {error}") from error
     with tempfile.TemporaryDirectory(prefix="dimezbl_kernels_") as folder:
         source, library = os.path.join(folder, "kernels.c"), os.path.join(folder, "kernels.so")
         with open(source, "w", encoding="utf-8") as handle:
             handle.write(_KERNEL_SOURCE)
-        base = [compiler, "-O3", "-march=native", "-fPIC", "-shared", source, "-o", library, "-lm"]
+        base = command + ["-O3", "-march=native", "-fPIC", "-shared", source, "-o", library, "-lm"]
         errors = []
         for openmp in (["-fopenmp"], []):
             try:
-                done = subprocess.run(base[:1] + openmp + base[1:], capture_output=True, text=True, timeout=300)
+                done = subprocess.run(base + openmp, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as error:
                 raise RuntimeError(f"running the C compiler {compiler!r} failed: {error}") from error
             if done.returncode == 0:
@@ -1181,7 +1186,7 @@ class CompiledKernels:
             except (RuntimeError, OSError) as error:
                 cls.failure = str(error)
                 warnings.warn(
-                    f"dimezbl_core: building the fused swish kernels failed ({cls.failure}); using the eager "
+                    f"dimezbl_core: building the fused kernels failed ({cls.failure}); using the eager "
                     "path from now on (same values). They need a C compiler (e.g. `apt install gcc`, or CC=...) "
                     "and an x86-64 CPU with AVX2/FMA; or unset DIMEZBL_COMPILED_KERNELS.",
                     RuntimeWarning, stacklevel=4)
