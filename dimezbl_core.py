@@ -1193,15 +1193,25 @@ class CompiledKernels:
         return cls._library
 
     @classmethod
+    def _kernel(cls, name: str, dtype: torch.dtype, suffix: str = ""):
+        """The C function dimezbl_<name>_<ps|pd><suffix> for `dtype` (float32 / float64), or None where
+        the library cannot serve (not built, or a Python dispatch mode active: raw pointers would
+        bypass it); the caller then takes its eager formula."""
+        library = cls.library() if _get_current_dispatch_mode() is None else None
+        if library is None:
+            return None
+        return getattr(library, f"dimezbl_{name}_{'ps' if dtype == torch.float32 else 'pd'}{suffix}")
+
+    @classmethod
     def _run(cls, kernel: str, fallback, tensors: Tuple[Tensor, ...], optional: Optional[Tensor] = None,
              outputs: int = 1):
         """kernel(tensors..., optional or NULL, outputs...) on contiguous copies of same-shaped CPU
         tensors of one float dtype; `fallback(*tensors[, optional])` where the kernels are off or failed."""
         args = tensors if optional is None else tensors + (optional,)
-        library = cls.library() if _get_current_dispatch_mode() is None else None
-        if library is None:
-            return fallback(*args)
         x = tensors[0]
+        function = cls._kernel(kernel, x.dtype)
+        if function is None:
+            return fallback(*args)
         for t in args:
             if t.shape != x.shape or t.dtype != x.dtype or t.device.type != "cpu":
                 raise ValueError(f"fused swish kernel {kernel}: tensors of shape {tuple(x.shape)}, {x.dtype} on the "
@@ -1212,8 +1222,7 @@ class CompiledKernels:
         pointers = [t.data_ptr() for t in inputs]
         if kernel == "swish":
             pointers.append(extra.data_ptr() if extra is not None else None)
-        getattr(library, f"dimezbl_{kernel}_{'ps' if x.dtype == torch.float32 else 'pd'}")(
-            *pointers, *(o.data_ptr() for o in out), x.numel(), torch.get_num_threads())
+        function(*pointers, *(o.data_ptr() for o in out), x.numel(), torch.get_num_threads())
         return tuple(out) if outputs > 1 else out[0]
 
     @classmethod
@@ -1254,14 +1263,14 @@ class CompiledKernels:
     def sbf_messages(cls, r: Tensor, weight: Tensor, x: Tensor) -> Tensor:
         """g[e, l, c] = x[e, c] sum_b r[e, l, b] weight[c, b] (r [E, L, B], weight [C, B], x [E, C]) in one
         pass, q = r weight^T never stored."""
-        library = cls.library() if _get_current_dispatch_mode() is None else None
-        if library is None:
+        function = cls._kernel("sbf_messages", r.dtype)
+        if function is None:
             return (r @ weight.t()) * x.unsqueeze(1)
         cls._check_sbf_messages(r, weight, x)
         r, wt, x = r.detach().contiguous(), weight.detach().t().contiguous(), x.detach().contiguous()
         edges, width, basis = r.shape
         g = r.new_empty(edges, width, wt.shape[1])
-        getattr(library, f"dimezbl_sbf_messages_{'ps' if r.dtype == torch.float32 else 'pd'}")(
+        function(
             r.data_ptr(), wt.data_ptr(), x.data_ptr(), g.data_ptr(), edges, width, basis, wt.shape[1],
             torch.get_num_threads())
         return g
@@ -1270,16 +1279,17 @@ class CompiledKernels:
     def sbf_messages_backward(cls, grad: Tensor, r: Tensor, weight: Tensor, x: Tensor
                               ) -> Tuple[Tensor, Tensor, Tensor]:
         """The gradients of `sbf_messages` for r, weight and x, in one pass (q recomputed per row)."""
-        library = cls.library() if _get_current_dispatch_mode() is None else None
-        if library is None:
+        # float32 with channels a multiple of 8 (the model's 64): the AVX2 version
+        vectorised = r.dtype == torch.float32 and weight.size(0) % 8 == 0
+        function = cls._kernel("sbf_messages_backward", r.dtype, "8" if vectorised else "")
+        if function is None:
             return _sbf_message_gradients(grad, r, weight, x)
         cls._check_sbf_messages(r, weight, x, grad)
         grad, r, x = grad.detach().contiguous(), r.detach().contiguous(), x.detach().contiguous()
         wt = weight.detach().t().contiguous()
         edges, width, basis = r.shape
         grad_r, grad_x, grad_wt = torch.empty_like(r), torch.empty_like(x), torch.empty_like(wt)
-        kind = "pd" if r.dtype == torch.float64 else "ps8" if wt.shape[1] % 8 == 0 else "ps"
-        status = getattr(library, f"dimezbl_sbf_messages_backward_{kind}")(
+        status = function(
             grad.data_ptr(), r.data_ptr(), wt.data_ptr(), x.data_ptr(), grad_r.data_ptr(), grad_x.data_ptr(),
             grad_wt.data_ptr(), edges, width, basis, wt.shape[1], torch.get_num_threads())
         if status != 0:
@@ -1290,15 +1300,15 @@ class CompiledKernels:
     def message_backward(cls, grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(grad x[:, None], (grad q).sum(1)): the gradients of m = q x[:, None] for q, grad [E, L, C]
         and x [E, C], in one pass (eager: three, with an [E, L, C] temporary)."""
-        library = cls.library() if _get_current_dispatch_mode() is None else None
-        if library is None:
+        function = cls._kernel("message_backward", q.dtype)
+        if function is None:
             return _message_gradients(grad, q, x)
         if grad.shape != q.shape or x.shape != (q.shape[0], q.shape[2]) or not grad.dtype == q.dtype == x.dtype:
             raise ValueError(f"message_backward: grad and q [E, L, C] and x [E, C] of one dtype expected, got "
                              f"{tuple(grad.shape)}, {tuple(q.shape)}, {tuple(x.shape)}")
         grad, q, x = grad.detach().contiguous(), q.detach().contiguous(), x.detach().contiguous()
         grad_q, grad_x = torch.empty_like(q), torch.empty_like(x)
-        getattr(library, f"dimezbl_message_backward_{'ps' if q.dtype == torch.float32 else 'pd'}")(
+        function(
             grad.data_ptr(), q.data_ptr(), x.data_ptr(), grad_q.data_ptr(), grad_x.data_ptr(),
             q.shape[0], q.shape[1], q.shape[2], torch.get_num_threads())
         return grad_q, grad_x
@@ -1320,8 +1330,7 @@ def _message_gradients(grad: Tensor, q: Tensor, x: Tensor) -> Tuple[Tensor, Tens
 def _sbf_message_gradients(grad: Tensor, r: Tensor, weight: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """The gradients of g = (r weight^T) x[:, None] (r [E, L, B], weight [C, B], x [E, C]) for r,
     weight and x; differentiable (q = r weight^T recomputed)."""
-    grad_q = grad * x.unsqueeze(1)
-    grad_x = (grad * (r @ weight.t())).sum(1)
+    grad_q, grad_x = _message_gradients(grad, r @ weight.t(), x)
     return grad_q @ weight, grad_q.reshape(-1, grad_q.size(-1)).t() @ r.reshape(-1, r.size(-1)), grad_x
 
 
