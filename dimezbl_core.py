@@ -735,14 +735,41 @@ def _zbl_switched(z_i: Tensor, z_j: Tensor, r: Tensor, reach: str, coulomb: floa
 
 ZBL_REACHES = ("cutoff", "covalent", "lammps")
 
+# How the ZBL per-atom energies enter DimezblNet's atomic outputs (`DimezblNet(zbl_combine=...)`):
+# "add" is the paper's Sec. 3.4, v_i = sum_l v_i^(l) + v_zbl,i; "interpolate" is DeePMD-kit's
+# DP+ZBL linear model, v_i = (1 - w_i) sum_l v_i^(l) + w_i v_zbl,i (`zbl_interpolation_weights`).
+ZBL_COMBINATIONS = ("add", "interpolate")
+ZBL_SOFTMIN_LENGTH_A = 0.1  # alpha of the softmin distance, Angstrom (DeePMD-kit's smin_alpha examples)
+
+
+def zbl_interpolation_weights(dist: Tensor, target: Tensor, num_atoms: int, inner_a: float, outer_a: float,
+                              softmin_length_a: float = ZBL_SOFTMIN_LENGTH_A) -> Tensor:
+    """w_i in [0, 1] [N] of DeePMD-kit's DP+ZBL model (deepmd LinearEnergyAtomicModel, `_compute_weight`).
+
+    sigma_i = sum_j r_ij e^(-r_ij / alpha) / sum_j e^(-r_ij / alpha) is a smooth minimum of atom i's
+    neighbour distances (Angstrom; always >= the nearest one), u = (sigma_i - inner_a) / (outer_a - inner_a)
+    and w_i = 1 for u <= 0, 1 - 10 u^3 + 15 u^4 - 6 u^5 for 0 < u < 1, 0 for u >= 1: value, first and
+    second derivative continuous at both radii. An atom without neighbours has w_i = 0.
+    `dist` [E] are the edge lengths, `target` [E] the atom each edge belongs to."""
+    with torch.no_grad():  # a per-atom shift for a stable softmax; sigma does not depend on it
+        nearest = torch.full((num_atoms,), math.inf, dtype=dist.dtype, device=dist.device)
+        nearest = nearest.scatter_reduce(0, target, dist.detach(), reduce="amin")
+    weight = torch.exp(-(dist - nearest.index_select(0, target)) / softmin_length_a)
+    norm = scatter_sum(weight, target, num_atoms)
+    has_neighbours = norm > 0
+    sigma = scatter_sum(dist * weight, target, num_atoms) / torch.where(has_neighbours, norm, torch.ones_like(norm))
+    u = ((sigma - inner_a) / (outer_a - inner_a)).clamp(0.0, 1.0)
+    w = 1 - u**3 * (10 - 15 * u + 6 * u**2)
+    return torch.where(has_neighbours, w, torch.zeros_like(w))
+
 
 class ZBL(nn.Module):
     """Screened nuclear repulsion (Eq. 8-10) with a choice of reach (DESIGN.md section 3).
 
     - reach="cutoff": the literal term of the paper, multiplied by DimeNet's polynomial envelope
       u(r / cutoff_a) (p = 6) so that it goes smoothly to zero at the model cutoff (as nequip).
-    - reach="covalent": MACE-style, E_zbl(r) * u(r / (rcov_i + rcov_j)), zero beyond the sum of
-      covalent radii (ase.data.covalent_radii).
+    - reach="covalent": MACE-style, E_zbl(r) * u(r / (f (rcov_i + rcov_j))), zero beyond the sum of
+      covalent radii (ase.data.covalent_radii) times `covalent_factor` f (MACE: f = 1).
     - reach="lammps": LAMMPS `pair_style zbl inner outer`: E_zbl + C + [r > inner](A/3 t^3 +
       B/4 t^4), t = r - inner, zero beyond outer; energy, force and curvature vanish at outer.
       Note the constant C shifts the energy at every r < outer, as in LAMMPS.
@@ -762,9 +789,21 @@ class ZBL(nn.Module):
         outer_a: float = 1.0,
         envelope_p: int = 6,
         learnable_scale: bool = False,
+        combine: str = "add",
+        switch_inner_a: float = 0.4,
+        switch_outer_a: float = 0.7,
+        covalent_factor: float = 1.0,
     ):
         super().__init__()
         coulomb_constant(unit)  # validates the unit
+        if not covalent_factor > 0:
+            raise ValueError(f"zbl_covalent_factor must be positive, got {covalent_factor}")
+        if combine not in ZBL_COMBINATIONS:
+            raise ValueError(f"unknown zbl_combine {combine!r}: use one of {ZBL_COMBINATIONS}")
+        if combine == "interpolate" and not 0 < switch_inner_a < switch_outer_a < cutoff_a:
+            raise ValueError(f"the ZBL interpolation needs 0 < zbl_switch_inner_a < zbl_switch_outer_a < cutoff, "
+                             f"got {switch_inner_a}, {switch_outer_a}, {cutoff_a} (Angstrom)")
+        self.combine_mode, self.switch_inner_a, self.switch_outer_a = combine, switch_inner_a, switch_outer_a
         if reach not in ZBL_REACHES:
             raise ValueError(f"unknown ZBL reach {reach!r}: use one of {ZBL_REACHES}")
         if reach == "lammps" and not 0 < inner_a < outer_a <= cutoff_a:
@@ -778,10 +817,11 @@ class ZBL(nn.Module):
             self.scale = nn.Parameter(torch.zeros(()))
         else:
             self.register_buffer("scale", torch.ones(()))
-        self.constants = ConstantTable(covalent_radii=covalent_radii_a())
+        self.covalent_factor = covalent_factor  # reach="covalent": zero beyond factor * (rcov_i + rcov_j)
+        self.constants = ConstantTable(covalent_radii=covalent_factor * covalent_radii_a())
 
     def extra_repr(self) -> str:
-        return f"unit={self.unit!r}, reach={self.reach!r}, cutoff_a={self.cutoff_a}"
+        return f"unit={self.unit!r}, reach={self.reach!r}, cutoff_a={self.cutoff_a}, combine={self.combine_mode!r}"
 
     def pair_energy(self, z_i: Tensor, z_j: Tensor, r: Tensor) -> Tensor:
         """Switched pair energy in `unit` (without `scale`); r in Angstrom."""
@@ -800,6 +840,18 @@ class ZBL(nn.Module):
         else:
             pair = self.pair_energy(z_i, z_j, dist)
         return self.scale * scatter_sum(0.5 * pair, target, z.numel())  # [N]
+
+    def combine(self, network: Tensor, z: Tensor, edge_index: Tensor, dist: Tensor,
+                pos_first_order: bool = False) -> Tensor:
+        """The atomic outputs [N, C] with the repulsion combined into the network's `network` [N, C]:
+        network + v_zbl ("add", Sec. 3.4) or (1 - w) network + w v_zbl ("interpolate",
+        `zbl_interpolation_weights`). With network = 0 it is the ZBL part of the model's energy."""
+        repulsion = self(z, edge_index, dist, pos_first_order).unsqueeze(-1)  # [N, 1]
+        if self.combine_mode == "add":
+            return network + repulsion
+        w = zbl_interpolation_weights(dist, edge_index[1], z.numel(), self.switch_inner_a,
+                                      self.switch_outer_a).unsqueeze(-1)
+        return (1 - w) * network + w * repulsion
 
 
 # =============================================================================================
@@ -1766,6 +1818,11 @@ class DimezblNet(nn.Module):
     """DimeNet (or DimeNet++) whose atomic outputs get the ZBL pair repulsion added (Sec. 3.4):
     V = sum_i (sum_l v_i^(l) + v_zbl,i). `zbl=False` is the plain DimeNet baseline.
 
+    ZBL recipes: `zbl_reach` says how far the pair term reaches (`ZBL`); `zbl_combine="add"` is the
+    paper's sum, `zbl_combine="interpolate"` DeePMD-kit's DP+ZBL blend v_i = (1 - w_i) sum_l v_i^(l) +
+    w_i v_zbl,i with w_i = 1 below `zbl_switch_inner_a` and 0 beyond `zbl_switch_outer_a` (Angstrom;
+    `zbl_interpolation_weights`): pure ZBL for compressed atoms, the plain network at bonding distances.
+
     Defaults are DimeNet's (DESIGN.md section 2): 128 channels, 6 blocks (4 for DimeNet++),
     8 bilinear, 7 spherical, 6 radial, cutoff 5 A, envelope exponent 5, 1/2 residual layers
     before/after the skip, 3 output layers, swish, zero-initialised final output layer.
@@ -1805,6 +1862,10 @@ class DimezblNet(nn.Module):
         zbl_inner_a: float = 0.5,
         zbl_outer_a: float = 1.0,
         zbl_learnable_scale: bool = False,
+        zbl_combine: str = "add",
+        zbl_switch_inner_a: float = 0.4,
+        zbl_switch_outer_a: float = 0.7,
+        zbl_covalent_factor: float = 1.0,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -1821,7 +1882,9 @@ class DimezblNet(nn.Module):
             int_emb_size=int_emb_size, basis_emb_size=basis_emb_size,
             out_emb_channels=out_emb_channels, output_initializer=output_initializer, zbl=zbl,
             zbl_unit=zbl_unit, zbl_reach=zbl_reach, zbl_inner_a=zbl_inner_a,
-            zbl_outer_a=zbl_outer_a, zbl_learnable_scale=zbl_learnable_scale,
+            zbl_outer_a=zbl_outer_a, zbl_learnable_scale=zbl_learnable_scale, zbl_combine=zbl_combine,
+            zbl_switch_inner_a=zbl_switch_inner_a, zbl_switch_outer_a=zbl_switch_outer_a,
+            zbl_covalent_factor=zbl_covalent_factor,
         )  # fmt: skip
         self.cutoff, self.variant, self.out_channels = cutoff, variant, out_channels
         # weights per triplet of the sparse triplet sum: DimeNet's bilinear weights s = a_SBF W_sbf,
@@ -1859,8 +1922,9 @@ class DimezblNet(nn.Module):
             ]
         self.interaction_blocks = nn.ModuleList(blocks)
         self.zbl = (
-            ZBL(zbl_unit, zbl_reach, cutoff, zbl_inner_a, zbl_outer_a,
-                learnable_scale=zbl_learnable_scale)
+            ZBL(zbl_unit, zbl_reach, cutoff, zbl_inner_a, zbl_outer_a, learnable_scale=zbl_learnable_scale,
+                combine=zbl_combine, switch_inner_a=zbl_switch_inner_a, switch_outer_a=zbl_switch_outer_a,
+                covalent_factor=zbl_covalent_factor)
             if zbl else None
         )  # fmt: skip
 
@@ -1999,8 +2063,8 @@ class DimezblNet(nn.Module):
             else:
                 x = interaction(x, rbf, sbf, idx_kj, idx_ji, plan)
             out = out + output(x, rbf, i, num_atoms)
-        if self.zbl is not None:
-            out = out + self.zbl(z, edge_index, dist, pos_first_order).unsqueeze(-1)
+        if self.zbl is not None:  # Sec. 3.4's sum, or DeePMD-kit's blend (ZBL.combine)
+            out = self.zbl.combine(out, z, edge_index, dist, pos_first_order)
         return out, batch, num_molecules
 
     def atomic_energies(self, z: Tensor, pos: Tensor, batch: Optional[Tensor] = None) -> Tensor:
@@ -3166,7 +3230,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 3000
     decay_rate: float = 0.01
-    decay_steps: int = 4_000_000
+    decay_steps: Optional[int] = 4_000_000  # None: max_steps (the rate falls by decay_rate over the run)
     ema_decay: float = 0.999
     grad_clip_norm: float = 1000.0
     amsgrad_eps: float = 1e-7
@@ -3181,6 +3245,7 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None  # evaluations without improvement (MD17)
     seed: int = 0
     split_seed: int = 42
+    name: Optional[str] = None  # the model's name in run directories and tables (None: model_name's default)
     out_dir: str = "results/runs"
     data_dir: Optional[str] = None
     device: str = "auto"
@@ -3198,6 +3263,8 @@ class TrainConfig:
 
     @property
     def model_name(self) -> str:
+        if self.name is not None:
+            return self.name
         return ("dimezblnet" if self.zbl else "dimenet") + (
             "_pp" if self.model.get("variant") == "dimenet++" else ""
         )
@@ -3236,7 +3303,7 @@ PROFILES = {
     # horizon (the runs are 50-100 steps), offsets so that training starts near the data.
     "smoke": dict(
         model=SMOKE_MODEL, batch_size=16, warmup_steps=20, eval_every=25, ema_decay=0.9,
-        target_offset="auto",
+        target_offset="per_element",
         qm9=dict(n_train=1000, n_valid=100, n_test=200, max_steps=50),
         md17=dict(n_train=100, n_valid=25, max_steps=100, early_stopping_patience=None),
     ),
@@ -3251,6 +3318,16 @@ PROFILES = {
         eval_every=250, qm9=dict(n_train=110_000, n_valid=1000, n_test=None),
         md17=dict(n_train=1000, n_valid=500, early_stopping_patience=None),
     ),
+    # The cpu architecture under a test that is fair to both models: the same per-element start
+    # (a least-squares energy per element of what each network has to learn), DimeNet's warm-up and
+    # exponential decay compressed to the run (the rate falls 100x by max_steps), 4 seeds
+    # (PROFILE_SEEDS); the ZBL recipes of MODEL_RECIPES. docs/fair.md describes the experiment.
+    "fair": dict(
+        model=CPU_MODEL, batch_size=32, warmup_steps=100, max_steps=2000, decay_steps=None, decay_rate=0.01,
+        target_offset="per_element", ema_decay=0.99, eval_every=250,
+        qm9=dict(n_train=110_000, n_valid=1000, n_test=None),
+        md17=dict(n_train=1000, n_valid=500, early_stopping_patience=None),
+    ),
     # DimeNet's protocol (GPU; days per model).
     "paper": dict(
         model={}, qm9=dict(), md17=dict(n_train=1000, n_valid=1000, early_stopping_patience=50,
@@ -3259,14 +3336,21 @@ PROFILES = {
 }  # fmt: skip
 
 # Seeds per (target, model) of each profile: the tables give mean and spread over them.
-PROFILE_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2), "paper": (0, 1, 2)}
+# The fair profile at four times the budget (the same data: PROFILE_MD17_DATA), to see where the
+# gap goes as training converges.
+PROFILES["fair_long"] = {**PROFILES["fair"], "max_steps": 8000}
+
+PROFILE_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2), "fair": (0, 1, 2, 3), "fair_long": (0, 1, 2, 3), "paper": (0, 1, 2)}
 
 # The offline MD17 stand-in each profile generates (generate_md17 keyword arguments).
 PROFILE_MD17_GENERATION = {
     "smoke": dict(n_configs=200, sample_every=5, equilibration_steps=400),  # 2.5 fs apart
     "cpu": dict(n_configs=2000),
+    "fair": dict(n_configs=2000),
+    "fair_long": dict(n_configs=2000),
     "paper": dict(n_configs=12000),
 }
+PROFILE_MD17_DATA = {"fair_long": "fair"}  # profiles that train on another profile's generated data
 
 
 def profile_config(profile: str, dataset: str, target: str, zbl: bool = True, seed: int = 0,
@@ -3293,9 +3377,11 @@ def profile_config(profile: str, dataset: str, target: str, zbl: bool = True, se
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """DimeNet's schedule: lr * min(1, (step + 1) / warmup) * decay_rate^(step / decay_steps)."""
+    """DimeNet's schedule: lr * min(1, (step + 1) / warmup) * decay_rate^(step / decay_steps);
+    decay_steps None is max_steps, so that the rate reaches lr * decay_rate at max_steps."""
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
-    return config.learning_rate * warmup * config.decay_rate ** (step / config.decay_steps)
+    decay_steps = config.decay_steps if config.decay_steps is not None else config.max_steps
+    return config.learning_rate * warmup * config.decay_rate ** (step / decay_steps)
 
 
 class ExponentialMovingAverage:
@@ -3340,6 +3426,7 @@ class Batch:
     target: Tensor  # [B] in training units (QM9 target or MD17 energy minus offsets)
     forces: Optional[Tensor] = None  # [N, 3] kcal/mol/A (MD17)
     num_atoms: Optional[Tensor] = None  # [B]
+    offset_energy: Optional[Tensor] = None  # float64 [B]: what was subtracted from the target (training units)
 
     def to(self, device) -> "Batch":
         return Batch(**{k: (v.to(device) if torch.is_tensor(v) else v)
@@ -3353,17 +3440,35 @@ def raw_targets(samples, target_index: Optional[int] = None) -> Tensor:
     return torch.cat([s.energy for s in samples]).double()
 
 
+def offset_atomic_energies(offset, z: Tensor) -> Tensor:
+    """float64 [N]: the per-atom part of a target offset for atoms `z` (training units).
+
+    An offset is (per molecule, per atom) or (per molecule, per atom, per element), the last a
+    sequence indexed by atomic number (MAX_ATOMIC_NUMBER + 1 entries); the energy subtracted from a
+    molecule's target is per_molecule + sum over its atoms of (per_atom + per_element[Z])."""
+    atomic = torch.full(z.shape, float(offset[1]), dtype=torch.float64)
+    if len(offset) > 2:
+        atomic = atomic + torch.as_tensor(offset[2], dtype=torch.float64)[z.long().cpu()]
+    return atomic
+
+
+def offset_energies(offset, z: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
+    """float64 [B]: the offset of each molecule (`offset_atomic_energies`, plus the per-molecule part)."""
+    return float(offset[0]) + scatter_sum(offset_atomic_energies(offset, z), batch.cpu(), num_molecules)
+
+
 def collate(samples, target_index: Optional[int] = None, offset=(0.0, 0.0)) -> Batch:
-    """Concatenate molecules (PyG `Data`) into one batch. The target is stored minus
-    offset[0] + offset[1] * num_atoms (per molecule, per atom; training units), subtracted in
-    float64 so that absolute MD17 energies (~1e5 kcal/mol) keep their precision."""
+    """Concatenate molecules (PyG `Data`) into one batch. The target is stored minus the molecule's
+    offset (`offset_energies`; training units), subtracted in float64 so that absolute MD17 energies
+    (~1e5 kcal/mol) keep their precision."""
     counts = torch.tensor([s.z.numel() for s in samples])
     z = torch.cat([s.z for s in samples])
     pos = torch.cat([s.pos for s in samples])
     batch = torch.repeat_interleave(torch.arange(len(samples)), counts)
-    target = (raw_targets(samples, target_index) - offset[0] - offset[1] * counts).float()
+    offset_energy = offset_energies(offset, z, batch, len(samples))
+    target = (raw_targets(samples, target_index) - offset_energy).float()
     forces = torch.cat([s.forces for s in samples]).float() if target_index is None else None
-    return Batch(z, pos, batch, target, forces=forces, num_atoms=counts)
+    return Batch(z, pos, batch, target, forces=forces, num_atoms=counts, offset_energy=offset_energy)
 
 
 @torch.no_grad()
@@ -3381,33 +3486,77 @@ def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256, unit_weight: bool
         batch = torch.repeat_interleave(torch.arange(len(part)), torch.tensor([s.z.numel() for s in part]))
         edge_index = radius_graph(pos, batch, zbl.cutoff_a)
         dist = (pos[edge_index[1]] - pos[edge_index[0]]).norm(dim=-1)
-        energies.append(scatter_sum(zbl(z, edge_index, dist), batch, len(part)))
+        atomic = zbl.combine(torch.zeros(z.numel(), 1, dtype=pos.dtype), z, edge_index, dist).squeeze(-1)
+        energies.append(scatter_sum(atomic, batch, len(part)))
     return torch.cat(energies)
 
 
 QM9_INTENSIVE_TARGETS = ("mu", "homo", "lumo", "gap")  # the others grow with molecule size
-TARGET_OFFSETS = ("none", "mean", "mean_per_atom", "auto")
+TARGET_OFFSETS = ("none", "mean", "mean_per_atom", "per_element", "auto")
+
+
+def element_counts(samples) -> Tuple[np.ndarray, np.ndarray]:
+    """(elements [K] sorted atomic numbers, counts [B, K] float64): how many atoms of each element
+    every molecule has."""
+    z = torch.cat([s.z for s in samples]).long()
+    molecule = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor([s.z.numel() for s in samples]))
+    elements, column = torch.unique(z, return_inverse=True)
+    counts = torch.zeros(len(samples), len(elements), dtype=torch.float64)
+    counts.index_put_((molecule, column), torch.ones_like(z, dtype=torch.float64), accumulate=True)
+    return elements.numpy(), counts.numpy()
+
+
+def per_element_least_squares(samples, values: Tensor) -> np.ndarray:
+    """float64 [MAX_ATOMIC_NUMBER + 1]: energies e_Z minimising sum_m (values_m - sum_Z n_mZ e_Z)^2
+    over the molecules (the atomic reference energies of schnetpack, nequip and MACE; no intercept).
+    Elements that never occur get 0. A set of one composition (MD17) has many minimisers: the
+    smallest-norm one, whose prediction is the mean."""
+    elements, counts = element_counts(samples)
+    coefficients = np.linalg.lstsq(counts, values.double().numpy(), rcond=None)[0]
+    table = np.zeros(MAX_ATOMIC_NUMBER + 1)
+    table[elements] = coefficients
+    return table
+
+
+def resolve_offset_kind(kind: str, target_index: Optional[int]) -> str:
+    """The offset `kind` of a target: "auto" is mean_per_atom, "per_element" is itself, for extensive
+    targets and MD17 energies; both are "mean" for the intensive QM9 targets (QM9_INTENSIVE_TARGETS)."""
+    if kind not in TARGET_OFFSETS:
+        raise ValueError(f"unknown target_offset {kind!r}: use one of {TARGET_OFFSETS}")
+    intensive = target_index is not None and QM9_TARGETS[target_index] in QM9_INTENSIVE_TARGETS
+    if kind in ("auto", "per_element") and intensive:
+        return "mean"
+    return "mean_per_atom" if kind == "auto" else kind
+
+
+def offset_record(offset, kind: str) -> dict:
+    """The offset as metrics.json records it: kind, per molecule, per atom, per element (by symbol)."""
+    from ase.data import chemical_symbols
+
+    per_element = ({chemical_symbols[z]: value for z, value in enumerate(offset[2]) if value != 0.0}
+                   if len(offset) > 2 else {})
+    return {"kind": kind, "per_molecule": float(offset[0]), "per_atom": float(offset[1]),
+            "per_element": per_element, "unit": "training unit (eV for QM9 energies, kcal/mol MD17)"}
 
 
 def target_offset(samples, target_index, kind: str, zbl: Optional[ZBL] = None):
-    """(per molecule, per atom) offsets from the training set. "none": DimeNet's raw targets;
-    "mean": the mean target; "mean_per_atom": the mean target per atom times the atom count;
-    "auto": per atom for extensive targets and MD17 energies, the mean for intensive ones.
-    With a (fixed-weight) ZBL term the offsets are those of the target minus the ZBL energy, so
-    that DimezblNet, too, starts from the mean of what its network has to learn."""
-    if kind not in TARGET_OFFSETS:
-        raise ValueError(f"unknown target_offset {kind!r}: use one of {TARGET_OFFSETS}")
+    """Offsets from the training set (see `offset_atomic_energies` for the layout). "none": DimeNet's
+    raw targets; "mean": the mean target; "mean_per_atom": the mean target per atom times the atom
+    count; "per_element": a least-squares energy per element (`per_element_least_squares`);
+    "auto" and "per_element" resolve by target (`resolve_offset_kind`).
+    With a fixed-weight ZBL term the offsets are those of the target minus the ZBL energy, so that
+    DimezblNet, too, starts from the best linear fit of what its network has to learn."""
+    kind = resolve_offset_kind(kind, target_index)
     if kind == "none":
         return (0.0, 0.0)
     values = raw_targets(samples, target_index)
     if zbl is not None and not isinstance(zbl.scale, nn.Parameter):
         values = values - molecule_zbl_energies(samples, zbl)
-    counts = torch.tensor([s.z.numel() for s in samples], dtype=torch.float64)
-    if kind == "auto":
-        intensive = target_index is not None and QM9_TARGETS[target_index] in QM9_INTENSIVE_TARGETS
-        kind = "mean" if intensive else "mean_per_atom"
     if kind == "mean":
         return (float(values.mean()), 0.0)
+    if kind == "per_element":
+        return (0.0, 0.0, per_element_least_squares(samples, values).tolist())
+    counts = torch.tensor([s.z.numel() for s in samples], dtype=torch.float64)
     return (0.0, float((values / counts).mean()))
 
 
@@ -3443,6 +3592,15 @@ class RunData:
         kind = config.target_offset or ("none" if config.dataset == "qm9" else "mean_per_atom")
         train_samples = [self.train[i] for i in range(len(self.train))]
         self.offset = target_offset(train_samples, self.target_index, kind, zbl)
+        self.offset_kind = resolve_offset_kind(kind, self.target_index)
+        of_what = ("the target minus the ZBL energy (fixed weight)" if zbl is not None
+                   and not isinstance(zbl.scale, nn.Parameter) else "the target")
+        self.offset_method = {
+            "none": "none (raw targets, as DimeNet)",
+            "mean": f"mean of {of_what} over the training set",
+            "mean_per_atom": f"mean per atom of {of_what} over the training set, times the atom count",
+            "per_element": f"per-element least squares of {of_what} on the training set (no intercept)",
+        }[self.offset_kind]
         self.elements = torch.cat([s.z for s in train_samples]).unique().tolist()
         if len(self.train) < config.batch_size:
             raise ValueError(f"{len(self.train)} training molecules are fewer than one batch")
@@ -3868,8 +4026,9 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
                "units": reporting_unit(config), "best_step": state["best_step"],
                "steps": state["step"], "stop_reason": stop_reason,
                "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
-               "target_offset": {"per_molecule": data.offset[0], "per_atom": data.offset[1],
-                                 "unit": "training unit (eV for QM9 energies, kcal/mol MD17)"}}
+               "target_offset": offset_record(data.offset, data.offset_kind),
+               "offset_method": data.offset_method,
+               "final_learning_rate": learning_rate_at(max(state["step"] - 1, 0), config)}
     if rank == 0:
         if eval_model.zbl is not None:  # before metrics.json, which marks the run done
             _write_zbl_term_file(eval_model, data, run_dir)
@@ -4185,8 +4344,22 @@ def _relative_to_results(path, results_dir=None) -> str:
 # --- Reporting: training every (target, model, seed) ---
 # =============================================================================================
 
-MODEL_ZBL = {"dimenet": False, "dimezblnet": True}  # TrainConfig.model_name -> TrainConfig.zbl
-MODEL_LABELS = {"dimenet": "DimeNet", "dimezblnet": "DimezblNet"}
+# The models a profile can train: name -> profile_config overrides. The ZBL recipes (docs/fair.md):
+# (a) "dimezblnet", the literal Eq. 8 added with weight 1 (enveloped at the model cutoff only);
+# (b) "dimezblnet_switched", the same switched off beyond 0.75 x the sum of covalent radii (MACE's
+#     reach, shortened so that it is zero at every bond length of the QM9 and generated MD17 data:
+#     their smallest r / (rcov_i + rcov_j) is 0.78, C-N triple bonds of QM9);
+# (c) "dimezblnet_interpolated", DeePMD-kit's DP+ZBL blend (network off, ZBL on, below 0.4-0.7 A).
+MODEL_RECIPES = {
+    "dimenet": {"zbl": False},
+    "dimezblnet": {"zbl": True},
+    "dimezblnet_switched": {"zbl": True, "name": "dimezblnet_switched", "model.zbl_reach": "covalent",
+                            "model.zbl_covalent_factor": 0.75},
+    "dimezblnet_interpolated": {"zbl": True, "name": "dimezblnet_interpolated", "model.zbl_combine": "interpolate"},
+}
+MODEL_ZBL = {name: recipe["zbl"] for name, recipe in MODEL_RECIPES.items()}  # model name -> TrainConfig.zbl
+MODEL_LABELS = {"dimenet": "DimeNet", "dimezblnet": "DimezblNet", "dimezblnet_switched": "DimezblNet (switched)",
+                "dimezblnet_interpolated": "DimezblNet (interpolated)"}
 # Config fields that do not change what a finished run measured (out_dir: results may move).
 _IGNORED_WHEN_REUSING = ("device", "out_dir")
 # Safety stops: a run that did not stop by one is the same run under any other value of it, so a
@@ -4310,9 +4483,10 @@ def run_models(profile: str, dataset: str, targets: Sequence[str], seeds: Option
     for target in targets:
         if dataset == "md17" and fields.get("md17_source", "generated") == "generated":
             # one generated data set per profile, so profiles never overwrite each other's data
-            fields["md17_path"] = portable_path(generated_md17_path(target, profile, data_dir))
+            fields["md17_path"] = portable_path(generated_md17_path(target, PROFILE_MD17_DATA.get(profile, profile),
+                                                                    data_dir))
         # seed by seed, both models of a seed together: an interrupted profile leaves complete pairs
-        configs = [profile_config(profile, dataset, target, zbl=MODEL_ZBL[model], seed=seed, **fields)
+        configs = [profile_config(profile, dataset, target, seed=seed, **{**MODEL_RECIPES[model], **fields})
                    for seed in seeds for model in models]
         to_train = []  # (config, resume) of the runs that are not finished
         for config in configs:
@@ -4954,7 +5128,7 @@ def predict(checkpoint, subset: str = "test", device: str = "auto", data_dir=Non
         need_forces = batch.forces is not None
         with torch.set_grad_enabled(need_forces):
             energy, forces = _energy_and_forces(model, batch, need_forces, create_graph=False)
-        offset = data.offset[0] + data.offset[1] * batch.num_atoms.double()  # float64, training units
+        offset = batch.offset_energy  # float64, training units
         parts["energy_true"].append(batch.target.double().cpu() + offset.cpu())
         parts["energy_pred"].append(energy.detach().double().cpu() + offset.cpu())
         if need_forces:
@@ -5500,7 +5674,7 @@ class DimezblCalculator(_ase_calculator_base()):
     the model's energy unit (kcal/mol for MD17, eV for QM9 energies) is converted to ASE's eV
     here and nowhere else. Inference runs in float64 by default (energy conservation in MD).
 
-    `offset` = (per molecule, per atom) in the model's unit is added back to the energy (the
+    `offset` (`offset_atomic_energies`'s layout) in the model's unit is added back to the energy (the
     training target offsets); `elements` limits the calculator to the trained elements.
     """
 
@@ -5515,7 +5689,7 @@ class DimezblCalculator(_ase_calculator_base()):
         self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
         unit = energy_unit or (model.zbl.unit if model.zbl is not None else model.hparams["zbl_unit"])
         self.energy_unit, self.ev_per_unit = unit, energy_unit_in_ev(unit)
-        self.offset = (float(offset[0]), float(offset[1]))
+        self.offset = tuple(offset)
         self.elements = None if elements is None else sorted(int(e) for e in elements)
         self.dtype = dtype
 
@@ -5546,7 +5720,7 @@ class DimezblCalculator(_ase_calculator_base()):
         pos.requires_grad_(True)
         atomic = self.model.atomic_energies(z, pos)  # model unit
         (grad,) = torch.autograd.grad(atomic.sum(), pos)
-        atomic = atomic.detach() + self.offset[1] + self.offset[0] / len(numbers)
+        atomic = atomic.detach().cpu().double() + offset_atomic_energies(self.offset, z) + self.offset[0] / len(numbers)
         energies = atomic.cpu().double().numpy() * self.ev_per_unit
         self.results["energies"] = energies
         self.results["energy"] = self.results["free_energy"] = float(energies.sum())
@@ -5603,7 +5777,7 @@ class _ScriptZBL(nn.Module):
         self.coefficients = [float(c) for c in ZBL_PHI_COEFFICIENTS]
         self.exponents = [float(d) for d in ZBL_PHI_EXPONENTS]
         self.register_buffer("scale", zbl.scale.detach().to(dtype).clone())
-        self.register_buffer("covalent_radii", torch.tensor(covalent_radii_a(), dtype=dtype))
+        self.register_buffer("covalent_radii", torch.tensor(zbl.constants.arrays["covalent_radii"], dtype=dtype))
 
     def forward(self, z: Tensor, source: Tensor, target: Tensor, dist: Tensor) -> Tensor:
         pair = _zbl_switched(z[target], z[source], dist, self.reach, self.coulomb, self.cutoff_a, self.inner_a,
@@ -5636,8 +5810,7 @@ class _ScriptBlock(nn.Module):
 class ExportedPotential(nn.Module):
     """What `export_model` scripts: forward(z int64 [N], pos [N, 3] Angstrom, batch int64 [N]
     sorted) -> (energy [B], forces [N, 3] = -dE/dpos), in `energy_unit` and energy_unit/Angstrom,
-    without the training offset (energy + offset_per_molecule + offset_per_atom * n_atoms is the
-    absolute energy). `energy(z, pos, batch)` gives the energies alone. The same checks as
+    without the training offset (the metadata's "offset" says how to add it back). `energy(z, pos, batch)` gives the energies alone. The same checks as
     `DimezblNet` (shapes, Z = 1..94, finite positions, sorted batch, coincident atoms) and, when
     `elements` is not empty, only the trained elements."""
 
@@ -5654,6 +5827,9 @@ class ExportedPotential(nn.Module):
         self.blocks = nn.ModuleList([_ScriptBlock(block, output) for block, output in
                                      zip(model.interaction_blocks, model.output_blocks[1:])])
         self.has_zbl = model.zbl is not None
+        self.zbl_interpolate = model.zbl is not None and model.zbl.combine_mode == "interpolate"
+        self.zbl_switch_inner_a = model.zbl.switch_inner_a if model.zbl is not None else 0.0
+        self.zbl_switch_outer_a = model.zbl.switch_outer_a if model.zbl is not None else 0.0
         self.zbl = _ScriptZBL(model.zbl, dtype) if model.zbl is not None else _ScriptZBL(ZBL(energy_unit), dtype)
 
     def check(self, z: Tensor, pos: Tensor, batch: Tensor) -> int:
@@ -5701,7 +5877,13 @@ class ExportedPotential(nn.Module):
             out = out + block.output(x, rbf, i, num_atoms)
         out = out.squeeze(-1)
         if self.has_zbl:
-            out = out + self.zbl(z, j, i, dist)
+            repulsion = self.zbl(z, j, i, dist)
+            if self.zbl_interpolate:
+                w = zbl_interpolation_weights(dist, i, num_atoms, self.zbl_switch_inner_a, self.zbl_switch_outer_a,
+                                              ZBL_SOFTMIN_LENGTH_A)
+                out = (1 - w) * out + w * repulsion
+            else:
+                out = out + repulsion
         return scatter_sum(out, batch, num_molecules)
 
     @torch.jit.export
@@ -5764,14 +5946,16 @@ def export_model(source, path, dtype=None, restrict_elements: bool = True) -> di
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.float64")
     elements = [int(e) for e in elements] if (restrict_elements and elements is not None) else []
+    per_element = {int(z): float(e) for z, e in enumerate(offset[2]) if e != 0.0} if len(offset) > 2 else {}
     offset = [float(offset[0]), float(offset[1])]
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; torch.export cannot hold the
         warnings.simplefilter("ignore", DeprecationWarning)  # data-dependent graph with autograd.grad inside
         scripted = torch.jit.script(ExportedPotential(model, unit, offset, elements, dtype))
     metadata = {"format": EXPORT_FORMAT, "energy_unit": unit, "forces_unit": f"{unit}/Angstrom",
                 "position_unit": "Angstrom", "dtype": str(dtype).replace("torch.", ""),
-                "offset": {"per_molecule": offset[0], "per_atom": offset[1], "unit": unit,
-                           "meaning": "absolute energy = energy + per_molecule + per_atom * n_atoms"},
+                "offset": {"per_molecule": offset[0], "per_atom": offset[1], "per_element": per_element,
+                           "unit": unit, "meaning": "absolute energy = energy + per_molecule + per_atom * "
+                                                    "n_atoms + sum over atoms of per_element[Z]"},
                 "elements": elements, "hparams": model.hparams, **origin, "git": git_state(),
                 "torch": torch.__version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "usage": "energy, forces = torch.jit.load(path)(z_int64[N], pos[N, 3]_angstrom, batch_int64[N])"}
