@@ -29,6 +29,9 @@ RECIPE_LABELS = {
     "dimezblnet_switched": "(b) switched ZBL",
     "dimezblnet_interpolated": "(c) interpolated ZBL",
 }
+# Models trained with the first seed of a cell only: recipe (c) equals DimeNet on data whose atoms all
+# have their nearest neighbour beyond its outer radius (0.7 A); the one seed checks the equality.
+ONE_SEED_MODELS = ("dimezblnet_interpolated",)
 PAPER_CLAIM_PERCENT = (-5.3, -3.6)  # the paper's abstract: 3.6-5.3% lower errors than DimeNet
 CONFIDENCE = 0.95
 
@@ -70,8 +73,13 @@ def train_fair(cells: Sequence[Cell] = FAIR_CELLS, seeds: Optional[Sequence[int]
     """Train (or resume, or reuse) every run of `cells`, seed by seed with all models of a seed together;
     returns the finished runs (`dc.collect_runs` rows of both profiles). overrides: TrainConfig fields."""
     for cell in cells:
-        dc.run_models(cell.profile, cell.dataset, [cell.target], seeds=seeds, models=models,
-                      results_dir=results_dir, progress=progress, reuse_committed=True, **overrides)
+        cell_seeds = list(dc.profile_seeds(cell.profile) if seeds is None else seeds)
+        for k, seed in enumerate(cell_seeds):
+            # (c) is the plain network wherever every atom's neighbours are beyond its outer radius, as in
+            # all these data (`interpolation_weights_on_data`): one seed checks that, more would repeat DimeNet
+            cell_models = [m for m in models if k == 0 or m not in ONE_SEED_MODELS]
+            dc.run_models(cell.profile, cell.dataset, [cell.target], seeds=[seed], models=cell_models,
+                          results_dir=results_dir, progress=progress, reuse_committed=True, **overrides)
     return fair_runs(results_dir)
 
 
@@ -93,6 +101,223 @@ def fair_runs(results_dir=FAIR_RESULTS_DIR) -> pd.DataFrame:
     return pd.concat([runs, pd.DataFrame(extra, index=runs.index)], axis=1)
 
 
+# --- statistics that do not inflate -----------------------------------------------------------------
+
+
+def _percent(log_ratio: float) -> float:
+    return 100.0 * math.expm1(log_ratio)
+
+
+def paired_change(baseline: Sequence[float], model: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """The change of `model`'s errors against `baseline`'s, seed by seed (the same seed's pair in each entry).
+
+    d_s = ln(model_s / baseline_s); change = mean of d_s with its Student-t interval at `confidence`, shown as
+    percent 100 (e^x - 1). ratio_of_means_pct = 100 (mean model / mean baseline - 1). resolution_pct is the
+    interval's half-width as percent, 100 (e^h - 1): the smallest change this many seeds at this spread could
+    tell from none. Fewer than two pairs give NaN intervals."""
+    from scipy import stats
+
+    baseline, model = np.asarray(baseline, dtype=float), np.asarray(model, dtype=float)
+    if baseline.shape != model.shape or baseline.ndim != 1 or baseline.size == 0:
+        raise ValueError(f"paired_change needs two equally long, non-empty sequences, got {baseline.shape} "
+                         f"and {model.shape}")
+    if (baseline <= 0).any() or (model <= 0).any():
+        raise ValueError("errors must be positive for log-ratios")
+    d = np.log(model / baseline)
+    n, mean = d.size, float(d.mean())
+    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1
+            else math.nan)
+    return {"pairs": n, "change_pct": _percent(mean), "low_pct": _percent(mean - half),
+            "high_pct": _percent(mean + half), "resolution_pct": _percent(half),
+            "ratio_of_means_pct": 100.0 * (model.mean() / baseline.mean() - 1.0)}
+
+
+def verdict(change: dict) -> str:
+    """What a `paired_change` says: lower/higher error than DimeNet where the interval excludes 0."""
+    if change.get("pairs", 0) < 2 or math.isnan(change.get("low_pct", math.nan)):
+        return "too few seeds"
+    if change["high_pct"] < 0:
+        return "lower error"
+    if change["low_pct"] > 0:
+        return "higher error"
+    return "no difference resolved"
+
+
+def resolves_claim(change: dict) -> bool:
+    """True when the cell could tell the paper's smallest claimed gain (3.6%) from no change."""
+    return change.get("resolution_pct", math.nan) < -PAPER_CLAIM_PERCENT[1]
+
+
+def _paper_change(cell: Cell, quantity: str) -> float:
+    table, row = (1, cell.target) if cell.dataset == "qm9" else (2, (cell.target, quantity))
+    dimenet, dimezblnet = dc.paper_value(table, row, "DimeNet"), dc.paper_value(table, row, "DimezblNet")
+    return math.nan if dimenet is None or dimezblnet is None else 100.0 * (dimezblnet / dimenet - 1.0)
+
+
+def fair_summary(runs: pd.DataFrame, cells: Sequence[Cell] = FAIR_CELLS) -> pd.DataFrame:
+    """One row per (cell, quantity, recipe): DimeNet's and the recipe's test MAE (mean, std over seeds), the
+    paired change (`paired_change`) over the seeds both have, its verdict, whether it resolves the paper's
+    claim, and the paper's own change for that target. A cell whose runs record different data (content
+    sha256) is not compared (verdict "data differ")."""
+    rows = []
+    for cell in cells:
+        selected = runs[(runs["profile"] == cell.profile) & (runs["dataset"] == cell.dataset)
+                        & (runs["target"] == cell.target)]
+        if selected.empty:
+            continue
+        same_data = selected["data_sha256"].nunique(dropna=False) == 1
+        for quantity in cell.quantities:
+            column = f"test_{quantity}_mae"
+            base = selected[selected["model"] == "dimenet"].set_index("seed")[column]
+            unit = selected[f"{quantity}_unit"].iloc[0]
+            for model in FAIR_MODELS[1:]:
+                other = selected[selected["model"] == model].set_index("seed")[column]
+                seeds = sorted(set(base.index) & set(other.index))
+                change = paired_change(base[seeds], other[seeds]) if seeds and same_data else {}
+                rows.append({
+                    "cell": cell.label, "dataset": cell.dataset, "target": cell.target, "steps": cell.max_steps,
+                    "quantity": quantity, "unit": unit, "model": model, "recipe": RECIPE_LABELS[model],
+                    "seeds": len(seeds), "dimenet_mean": base[seeds].mean() if seeds else math.nan,
+                    "dimenet_std": base[seeds].std(ddof=1) if len(seeds) > 1 else math.nan,
+                    "model_mean": other[seeds].mean() if seeds else math.nan,
+                    "model_std": other[seeds].std(ddof=1) if len(seeds) > 1 else math.nan,
+                    **{k: change.get(k, math.nan) for k in ("change_pct", "low_pct", "high_pct", "resolution_pct",
+                                                            "ratio_of_means_pct")},
+                    "verdict": verdict(change) if same_data else "data differ",
+                    "resolves_paper_claim": resolves_claim(change) if change else False,
+                    "paper_change_pct": _paper_change(cell, quantity),
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# --- tables and figures ---------------------------------------------------------------------------------
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.4g} ± {std:.2g}" if not math.isnan(std) else f"{mean:.4g}"
+
+
+def _change_text(row) -> str:
+    if math.isnan(row["change_pct"]):
+        return "-"
+    return f"{row['change_pct']:+.1f}% [{row['low_pct']:+.1f}, {row['high_pct']:+.1f}]"
+
+
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """results/fair/tables/summary.md: provenance, then one row per (cell, quantity, recipe)."""
+    commits = sorted(c for c in runs["git_commit"].dropna().unique())
+    lines = [
+        "# The fair test: DimeNet against three ZBL recipes",
+        "",
+        f"Runs: {len(runs)} finished (profiles fair and fair_long, results/fair/runs/; each row of runs.csv names"
+        " its run directory and metrics.json). Same architecture (64 channels, 4 blocks), per-element"
+        " least-squares offsets, warm-up then exponential decay of the learning rate by 100x over the run,"
+        " EMA 0.99, batch 32; test MAE of the best validation checkpoint.",
+        f"Commits: {', '.join(c[:7] for c in commits) or '-'}. Hardware: "
+        f"{'; '.join(sorted(runs['hardware'].dropna().unique())) or '-'}.",
+        f"Offset methods: {'; '.join(sorted(runs['offset_method'].dropna().unique())) or '-'}. Final learning rates: "
+        + (f"{runs['final_learning_rate'].min():.3g} to {runs['final_learning_rate'].max():.3g}."
+           if runs["final_learning_rate"].notna().any() else "-."),
+        "Change: mean over seeds of ln(recipe MAE / DimeNet MAE) of the same seed, as percent, with its 95%"
+        " t-interval; ratio of means: mean recipe MAE / mean DimeNet MAE - 1; resolution: the interval's"
+        " half-width, the smallest change the cell can tell from none. The paper's change is its own"
+        " (DimezblNet - DimeNet) / DimeNet from its Tables 1 and 2, quoted.",
+        "",
+        "| cell | quantity | recipe | seeds | DimeNet MAE | recipe MAE | change [95% CI] | ratio of means |"
+        " resolution | verdict | resolves 3.6%? | paper's change |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, row in summary.iterrows():
+        lines.append(
+            f"| {row['cell']} | {row['quantity']} ({row['unit']}) | {row['recipe']} | {row['seeds']} | "
+            f"{_mean_std(row['dimenet_mean'], row['dimenet_std'])} | {_mean_std(row['model_mean'], row['model_std'])} | "
+            f"{_change_text(row)} | "
+            + ("-" if math.isnan(row["ratio_of_means_pct"]) else f"{row['ratio_of_means_pct']:+.1f}%")
+            + " | " + ("-" if math.isnan(row["resolution_pct"]) else f"±{row['resolution_pct']:.1f}%")
+            + f" | {row['verdict']} | {'yes' if row['resolves_paper_claim'] else 'no'} | "
+            + ("-" if math.isnan(row["paper_change_pct"]) else f"{row['paper_change_pct']:+.1f}%") + " |")
+    for cell in FAIR_CELLS:
+        shas = runs[(runs["profile"] == cell.profile) & (runs["target"] == cell.target)]["data_sha256"].dropna()
+        if not shas.empty:
+            lines.append(f"\nData of {cell.label}: content sha256 " + ", ".join(sorted(s[:16] for s in shas.unique())))
+    return "\n".join(lines) + "\n"
+
+
+def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name: str = "fair_paired_change"):
+    """Forest plot: each recipe's paired change against DimeNet per cell and quantity, 95% intervals, with the
+    paper's claimed band shaded. PNG in <results_dir>/figures/."""
+    fig, axes = dc._figure(width=7.0, height=0.45 * max(4, summary[["cell", "quantity"]].drop_duplicates().shape[0] * 3))
+    ax = axes[0, 0]
+    keys = list(dict.fromkeys(zip(summary["cell"], summary["quantity"])))
+    colors = {"dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange", "dimezblnet_interpolated": "tab:green"}
+    for k, (cell, quantity) in enumerate(keys):
+        for m, model in enumerate(FAIR_MODELS[1:]):
+            row = summary[(summary["cell"] == cell) & (summary["quantity"] == quantity) & (summary["model"] == model)]
+            if row.empty or math.isnan(row["change_pct"].iloc[0]):
+                continue
+            row = row.iloc[0]
+            y = -(k * 4 + m)
+            ax.errorbar(row["change_pct"], y, xerr=[[row["change_pct"] - row["low_pct"]],
+                                                    [row["high_pct"] - row["change_pct"]]],
+                        fmt="o", color=colors[model], label=RECIPE_LABELS[model] if k == 0 else None, capsize=3)
+    ax.axvspan(*PAPER_CLAIM_PERCENT, color="tab:blue", alpha=0.15, label="paper's claim (-5.3 to -3.6%)")
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_yticks([-(k * 4 + 1) for k in range(len(keys))], [f"{c}\n{q}" for c, q in keys], fontsize=7)
+    ax.set_xlabel("test MAE change against DimeNet, % (paired over seeds, 95% CI)")
+    ax.legend(fontsize=7, loc="lower right")
+    return dc.save_figure(fig, name, results_dir)
+
+
+def plot_convergence(runs: pd.DataFrame, target: str = "ethanol", results_dir=FAIR_RESULTS_DIR,
+                     name: str = "fair_ethanol_convergence"):
+    """Validation force MAE (mean over seeds) against step for each model at 2,000 and 8,000 steps."""
+    fig, axes = dc._figure(width=6.0, height=4.0)
+    ax = axes[0, 0]
+    colors = {"dimenet": "tab:blue", "dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange",
+              "dimezblnet_interpolated": "tab:green"}
+    for profile, style in (("fair", "--"), ("fair_long", "-")):
+        for model in FAIR_MODELS:
+            selected = runs[(runs["profile"] == profile) & (runs["target"] == target) & (runs["model"] == model)]
+            curves = [pd.read_csv(dc.results_path(results_dir, d, "learning_curve.csv")).set_index("step")
+                      for d in selected["run_dir"]]
+            if not curves:
+                continue
+            mean = pd.concat([c["valid_forces_mae"] for c in curves], axis=1).mean(axis=1)
+            steps = int(dc.PROFILES[profile]["max_steps"])
+            ax.plot(mean.index, mean.values, style, color=colors[model],
+                    label=f"{RECIPE_LABELS[model]}, {steps:,} steps ({len(curves)} seeds)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"validation force MAE, {target} (kcal/mol/A)")
+    ax.legend(fontsize=6)
+    return dc.save_figure(fig, name, results_dir)
+
+
+def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
+    """Write tables/summary.md, tables/summary.csv, tables/runs.csv and the figures from the finished runs
+    (no training); returns the paths written."""
+    results_dir = Path(results_dir)
+    runs = fair_runs(results_dir)
+    if runs.empty:
+        raise FileNotFoundError(f"no finished fair runs under {results_dir}/runs: train them first "
+                                "(python -m dimezbl.fair train)")
+    summary = fair_summary(runs)
+    tables = results_dir / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    paths = [tables / "summary.md", tables / "summary.csv", tables / "runs.csv"]
+    dc._atomic_write_bytes(paths[0], summary_markdown(summary, runs).encode())
+    dc._atomic_write_bytes(paths[1], summary.to_csv(index=False).encode())
+    dc._atomic_write_bytes(paths[2], runs.to_csv(index=False).encode())
+    if not summary.empty:
+        plot_paired_change(summary, results_dir)
+        paths.append(results_dir / "figures" / "fair_paired_change.png")
+    if (runs["target"] == "ethanol").any():
+        plot_convergence(runs, "ethanol", results_dir)
+        paths.append(results_dir / "figures" / "fair_ethanol_convergence.png")
+    return paths
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dimezbl.fair", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_fair(cells, args.seeds, results_dir=args.results_dir, progress=not args.no_progress,
                    device=args.device)
     else:
-        paths = write_fair_report(args.results_dir)  # noqa: F821 (defined below)
+        paths = write_fair_report(args.results_dir)
         for path in paths:
             print(path)
     return 0
