@@ -4212,7 +4212,8 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", choices=("qm9", "md17"), required=True)
     parser.add_argument("--targets", nargs="+", required=True, help="QM9 targets or MD17 molecules")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the profile's seeds")
-    parser.add_argument("--models", nargs="+", choices=tuple(MODEL_ZBL), default=tuple(MODEL_ZBL))
+    parser.add_argument("--models", nargs="+", choices=tuple(MODEL_RECIPES), default=("dimenet", "dimezblnet"),
+                        help="models to train (MODEL_RECIPES; default: DimeNet and the literal DimezblNet)")
     parser.add_argument("--results-dir", default=None, help="default <repository>/results")
     parser.add_argument("--data-dir", default=None, help="default $DIMEZBL_DATA_DIR or <repository>/data")
     parser.add_argument("--device", default="auto")
@@ -5051,7 +5052,7 @@ def summary_markdown(table1: pd.DataFrame, table2: pd.DataFrame) -> str:
 
 # README.md shows these committed tables between <!-- name:begin --> and <!-- name:end -->
 README_TABLES = {"table1_qm9": "results/tables/table1_qm9.md", "table2_md17": "results/tables/table2_md17.md",
-                 "cpu_summary": "results/cpu/tables/summary.md"}
+                 "cpu_summary": "results/cpu/tables/summary.md", "fair_headline": "results/fair/tables/headline.md"}
 
 
 def readme_with_tables(readme: str, root=None) -> str:
@@ -5821,6 +5822,8 @@ class ExportedPotential(nn.Module):
         self.energy_unit = energy_unit
         self.max_atomic_number, self.min_pair_distance_a = MAX_ATOMIC_NUMBER, MIN_PAIR_DISTANCE_A
         self.offset_per_molecule, self.offset_per_atom = float(offset[0]), float(offset[1])
+        per_element = offset[2] if len(offset) > 2 else [0.0] * (MAX_ATOMIC_NUMBER + 1)
+        self.register_buffer("offset_per_element", torch.tensor(per_element, dtype=torch.float64))
         self.register_buffer("elements", torch.tensor([int(e) for e in (elements or [])], dtype=torch.long))
         self.rbf, self.emb, self.output0 = model.rbf, model.emb, model.output_blocks[0]
         self.sbf = _ScriptSphericalBasis(model.sbf, dtype)
@@ -5830,6 +5833,7 @@ class ExportedPotential(nn.Module):
         self.zbl_interpolate = model.zbl is not None and model.zbl.combine_mode == "interpolate"
         self.zbl_switch_inner_a = model.zbl.switch_inner_a if model.zbl is not None else 0.0
         self.zbl_switch_outer_a = model.zbl.switch_outer_a if model.zbl is not None else 0.0
+        self.zbl_softmin_length_a = ZBL_SOFTMIN_LENGTH_A
         self.zbl = _ScriptZBL(model.zbl, dtype) if model.zbl is not None else _ScriptZBL(ZBL(energy_unit), dtype)
 
     def check(self, z: Tensor, pos: Tensor, batch: Tensor) -> int:
@@ -5880,7 +5884,7 @@ class ExportedPotential(nn.Module):
             repulsion = self.zbl(z, j, i, dist)
             if self.zbl_interpolate:
                 w = zbl_interpolation_weights(dist, i, num_atoms, self.zbl_switch_inner_a, self.zbl_switch_outer_a,
-                                              ZBL_SOFTMIN_LENGTH_A)
+                                              self.zbl_softmin_length_a)
                 out = (1 - w) * out + w * repulsion
             else:
                 out = out + repulsion
@@ -5947,13 +5951,12 @@ def export_model(source, path, dtype=None, restrict_elements: bool = True) -> di
         raise ValueError(f"dtype {dtype} is not supported: use torch.float32 or torch.float64")
     elements = [int(e) for e in elements] if (restrict_elements and elements is not None) else []
     per_element = {int(z): float(e) for z, e in enumerate(offset[2]) if e != 0.0} if len(offset) > 2 else {}
-    offset = [float(offset[0]), float(offset[1])]
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; torch.export cannot hold the
         warnings.simplefilter("ignore", DeprecationWarning)  # data-dependent graph with autograd.grad inside
         scripted = torch.jit.script(ExportedPotential(model, unit, offset, elements, dtype))
     metadata = {"format": EXPORT_FORMAT, "energy_unit": unit, "forces_unit": f"{unit}/Angstrom",
                 "position_unit": "Angstrom", "dtype": str(dtype).replace("torch.", ""),
-                "offset": {"per_molecule": offset[0], "per_atom": offset[1], "per_element": per_element,
+                "offset": {"per_molecule": float(offset[0]), "per_atom": float(offset[1]), "per_element": per_element,
                            "unit": unit, "meaning": "absolute energy = energy + per_molecule + per_atom * "
                                                     "n_atoms + sum over atoms of per_element[Z]"},
                 "elements": elements, "hparams": model.hparams, **origin, "git": git_state(),

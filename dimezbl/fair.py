@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,7 +20,8 @@ import pandas as pd
 
 import dimezbl_core as dc
 
-FAIR_RESULTS_DIR = dc.REPOSITORY_ROOT / "results" / "fair"
+FAIR_RESULTS_DIR = "results/fair"  # relative to the repository root (dc.results_path)
+FAIR_NOTEBOOK = "06_fair.ipynb"  # shows the tables and figures; not part of `make reproduce` (it trains nothing)
 FAIR_MODELS = ("dimenet", "dimezblnet", "dimezblnet_switched", "dimezblnet_interpolated")
 RECIPE_LABELS = {
     "dimenet": "DimeNet",
@@ -127,7 +127,8 @@ def paired_change(baseline: Sequence[float], model: Sequence[float], confidence:
     n, mean = d.size, float(d.mean())
     half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1
             else math.nan)
-    return {"pairs": n, "identical": bool((model == baseline).all()), "change_pct": _percent(mean), "low_pct": _percent(mean - half),
+    return {"pairs": n, "identical": bool((model == baseline).all()), "change_pct": _percent(mean),
+            "low_pct": _percent(mean - half),
             "high_pct": _percent(mean + half), "resolution_pct": _percent(half),
             "ratio_of_means_pct": 100.0 * (model.mean() / baseline.mean() - 1.0)}
 
@@ -202,12 +203,16 @@ def _mean_std(mean: float, std: float) -> str:
 def _change_text(row) -> str:
     if math.isnan(row["change_pct"]):
         return "-"
+    if row["verdict"] == "identical to DimeNet":
+        return "0 (bit-identical)"
+    if math.isnan(row["low_pct"]):
+        return f"{row['change_pct']:+.1f}% (one seed)"
     return f"{row['change_pct']:+.1f}% [{row['low_pct']:+.1f}, {row['high_pct']:+.1f}]"
 
 
 def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     """results/fair/tables/summary.md: provenance, then one row per (cell, quantity, recipe)."""
-    commits = sorted(c for c in runs["git_commit"].dropna().unique())
+    commits = sorted({c[:7] for c in runs["git_commit"].dropna()})
     lines = [
         "# The fair test: DimeNet against three ZBL recipes",
         "",
@@ -215,7 +220,7 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
         " its run directory and metrics.json). Same architecture (64 channels, 4 blocks), per-element"
         " least-squares offsets, warm-up then exponential decay of the learning rate by 100x over the run,"
         " EMA 0.99, batch 32; test MAE of the best validation checkpoint.",
-        f"Commits: {', '.join(c[:7] for c in commits) or '-'}. Hardware: "
+        f"Commits: {', '.join(commits) or '-'}. Hardware: "
         f"{'; '.join(sorted(runs['hardware'].dropna().unique())) or '-'}.",
         f"Offset methods: {'; '.join(sorted(runs['offset_method'].dropna().unique())) or '-'}. Final learning rates: "
         + (f"{runs['final_learning_rate'].min():.3g} to {runs['final_learning_rate'].max():.3g}."
@@ -232,7 +237,8 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     for _, row in summary.iterrows():
         lines.append(
             f"| {row['cell']} | {row['quantity']} ({row['unit']}) | {row['recipe']} | {row['seeds']} | "
-            f"{_mean_std(row['dimenet_mean'], row['dimenet_std'])} | {_mean_std(row['model_mean'], row['model_std'])} | "
+            f"{_mean_std(row['dimenet_mean'], row['dimenet_std'])} | "
+            f"{_mean_std(row['model_mean'], row['model_std'])} | "
             f"{_change_text(row)} | "
             + ("-" if math.isnan(row["ratio_of_means_pct"]) else f"{row['ratio_of_means_pct']:+.1f}%")
             + " | " + ("-" if math.isnan(row["resolution_pct"]) else f"±{row['resolution_pct']:.1f}%")
@@ -245,10 +251,27 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_markdown(summary: pd.DataFrame) -> str:
+    """tables/headline.md (shown in the README): one row per cell and quantity, DimeNet's test MAE and each
+    recipe's paired change against it."""
+    lines = ["| cell | quantity | DimeNet MAE (seeds) | " + " | ".join(RECIPE_LABELS[m] for m in FAIR_MODELS[1:])
+             + " | paper's change |", "|---|---|---|" + "---|" * len(FAIR_MODELS)]
+    for (cell, quantity), rows in summary.groupby(["cell", "quantity"], sort=False):
+        rows = rows.set_index("model")
+        literal = rows.loc["dimezblnet"] if "dimezblnet" in rows.index else rows.iloc[0]
+        cells = [_change_text(rows.loc[m]) if m in rows.index else "-" for m in FAIR_MODELS[1:]]
+        paper = literal["paper_change_pct"]
+        lines.append(f"| {cell} | {quantity} ({literal['unit']}) | "
+                     f"{_mean_std(literal['dimenet_mean'], literal['dimenet_std'])} ({literal['seeds']}) | "
+                     + " | ".join(cells) + " | " + ("-" if math.isnan(paper) else f"{paper:+.1f}%") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name: str = "fair_paired_change"):
     """Forest plot: each recipe's paired change against DimeNet per cell and quantity, 95% intervals, with the
     paper's claimed band shaded. PNG in <results_dir>/figures/."""
-    fig, axes = dc._figure(width=7.0, height=0.45 * max(4, summary[["cell", "quantity"]].drop_duplicates().shape[0] * 3))
+    rows = summary[["cell", "quantity"]].drop_duplicates().shape[0]
+    fig, axes = dc._figure(width=7.0, height=0.45 * max(4, rows * 3))
     ax = axes[0, 0]
     keys = list(dict.fromkeys(zip(summary["cell"], summary["quantity"])))
     colors = {"dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange", "dimezblnet_interpolated": "tab:green"}
@@ -299,7 +322,7 @@ def plot_convergence(runs: pd.DataFrame, target: str = "ethanol", results_dir=FA
 def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
     """Write tables/summary.md, tables/summary.csv, tables/runs.csv and the figures from the finished runs
     (no training); returns the paths written."""
-    results_dir = Path(results_dir)
+    results_dir = dc.results_path(results_dir)
     runs = fair_runs(results_dir)
     if runs.empty:
         raise FileNotFoundError(f"no finished fair runs under {results_dir}/runs: train them first "
@@ -307,8 +330,9 @@ def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
     summary = fair_summary(runs)
     tables = results_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    paths = [tables / "summary.md", tables / "summary.csv", tables / "runs.csv"]
+    paths = [tables / "summary.md", tables / "summary.csv", tables / "runs.csv", tables / "headline.md"]
     dc._atomic_write_bytes(paths[0], summary_markdown(summary, runs).encode())
+    dc._atomic_write_bytes(paths[3], headline_markdown(summary).encode())
     dc._atomic_write_bytes(paths[1], summary.to_csv(index=False).encode())
     dc._atomic_write_bytes(paths[2], runs.to_csv(index=False).encode())
     if not summary.empty:
@@ -330,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.add_argument("--device", default="auto")
     train.add_argument("--no-progress", action="store_true")
     sub.add_parser("report", help="tables and figures from the finished runs (no training)")
-    parser.add_argument("--results-dir", default=str(FAIR_RESULTS_DIR))
+    parser.add_argument("--results-dir", default=FAIR_RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.command == "train":
         cells = FAIR_CELLS if args.cells is None else [Cell(*text.split("/")) for text in args.cells]

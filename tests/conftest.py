@@ -51,11 +51,20 @@ def qm9_sample_molecules():
 # training test (does it learn?) and the ASE tests (NVE with a trained model).
 # ---------------------------------------------------------------------------------------------------------------
 @_pytest.fixture(scope="session")
-def ethanol_smoke_run(tmp_path_factory):
+def ethanol_smoke_data(tmp_path_factory):
+    """A data dir holding 300 GFN2-xTB ethanol configurations (data/md17/generated/ethanol.npz)."""
     import dimezbl_core as dc
 
     root = tmp_path_factory.mktemp("ethanol_smoke")
     dc.generate_md17("ethanol", 300, data_dir=root / "data", progress=False, equilibration_steps=400)
+    return root
+
+
+@_pytest.fixture(scope="session")
+def ethanol_smoke_run(ethanol_smoke_data):
+    import dimezbl_core as dc
+
+    root = ethanol_smoke_data
     config = dc.profile_config("smoke", "md17", "ethanol", zbl=False, out_dir=str(root / "runs"),
                                data_dir=str(root / "data"))
     metrics = dc.train(config, resume=False, progress=False)

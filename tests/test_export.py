@@ -47,7 +47,8 @@ def run_exported_in_clean_interpreter(path, inputs, tmp_path):
         outputs = [model(z, pos, batch) for z, pos, batch in inputs]
         assert not any(name.startswith("dimezbl") for name in sys.modules), "dimezbl_core was imported"
         torch.save({{"outputs": outputs, "unit": model.energy_unit,
-                    "offset": (model.offset_per_molecule, model.offset_per_atom)}}, {str(tmp_path / 'out.pt')!r})
+                    "offset": (model.offset_per_molecule, model.offset_per_atom),
+                    "offset_per_element": model.offset_per_element}}, {str(tmp_path / 'out.pt')!r})
     """)
     subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, check=True, timeout=120)
     return torch.load(tmp_path / "out.pt")
@@ -77,7 +78,8 @@ def test_exported_checkpoint_equals_the_python_model_without_dimezbl_core(ethano
     # unit and training offset travel with the file
     stored = torch.load(checkpoint, weights_only=True)["offset"]
     assert result["unit"] == metadata["energy_unit"] == "kcal/mol"
-    assert result["offset"] == pytest.approx(tuple(float(v) for v in stored))
+    assert result["offset"] == pytest.approx((float(stored[0]), float(stored[1])))
+    assert result["offset_per_element"].tolist() == pytest.approx(stored[2])  # per-element offset (smoke profile)
     extra = {"metadata.json": ""}
     torch.jit.load(str(tmp_path / "ethanol.pt"), _extra_files=extra)
     stored_metadata = json.loads(extra["metadata.json"])
