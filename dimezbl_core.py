@@ -5192,14 +5192,15 @@ def _energy_model(config: TrainConfig) -> None:
 
 
 def compression_curve(checkpoint, bond=("C", "H"), atoms=None, distances_a=None, dimenet_checkpoint=None,
-                      device: str = "cpu") -> pd.DataFrame:
+                      device: str = "cpu", other_checkpoints: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
     """E(r) of a bond of a real molecule compressed and stretched: atom j moves along the bond
     i -> j so that d_ij = r (distances_a, Angstrom; default 0.3 to 3 A), all other atoms fixed.
 
     Columns (energy unit of the model, relative to the molecule as built, r = r0): distance_a,
     "DimezblNet" (the trained model with its ZBL), "learned part" (the same network, ZBL removed:
     model.zbl = None), "ZBL" (the ZBL term alone, Eq. 8-10, as the model switches it) and, with
-    dimenet_checkpoint, "DimeNet". DimezblNet = learned part + ZBL. atoms: an ase.Atoms
+    dimenet_checkpoint, "DimeNet", and a column per other_checkpoints entry (label -> checkpoint of the
+    same target, e.g. other ZBL recipes). DimezblNet = learned part + ZBL. atoms: an ase.Atoms
     (default: MD17's starting geometry for MD17 models, ase's ethanol for QM9 models).
     `attrs` hold unit, bond, r0_a, molecule and checkpoints.
     """
@@ -5242,6 +5243,12 @@ def compression_curve(checkpoint, bond=("C", "H"), atoms=None, distances_a=None,
                 raise ValueError(f"the DimeNet checkpoint is for {dimenet_config.dataset}/{dimenet_config.target}, "
                                  f"the DimezblNet one for {config.dataset}/{config.target}: use the same target")
             curves["DimeNet"] = dimenet(z.to(device_), flat, batch.to(device_)).double().cpu()
+        for label, other_checkpoint in (other_checkpoints or {}).items():
+            other, other_config = load_trained_model(other_checkpoint, device)
+            if (other_config.dataset, other_config.target) != (config.dataset, config.target):
+                raise ValueError(f"the {label} checkpoint is for {other_config.dataset}/{other_config.target}, "
+                                 f"the DimezblNet one for {config.dataset}/{config.target}: use the same target")
+            curves[label] = other(z.to(device_), flat, batch.to(device_)).double().cpu()
     frame = pd.DataFrame({"distance_a": distances,
                           **{name: (values[:-1] - values[-1]).numpy() for name, values in curves.items()}})
     symbols = atoms.get_chemical_symbols()
@@ -5272,7 +5279,8 @@ def compression_curves(runs: pd.DataFrame, target: str, bonds, seed: Optional[in
 # Figures are matplotlib.figure.Figure objects, not pyplot state: a notebook shows the returned
 # figure once (with %matplotlib inline), and nothing accumulates between calls.
 
-MODEL_COLORS = {"dimenet": "tab:blue", "dimezblnet": "tab:red"}
+MODEL_COLORS = {"dimenet": "tab:blue", "dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange",
+                "dimezblnet_interpolated": "tab:green"}
 ELEMENT_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}  # the elements of QM9 and MD17
 
 
@@ -5513,6 +5521,8 @@ def plot_compression_curves(curves: Sequence[pd.DataFrame], results_dir=None, na
     styles = {"DimezblNet": ("tab:red", "-", "DimezblNet"),
               "learned part": ("tab:purple", "--", "learned part (DimezblNet without ZBL)"),
               "ZBL": ("k", ":", "ZBL alone (Eq. 8-10)"), "DimeNet": ("tab:blue", "-.", "DimeNet"),
+              **{MODEL_LABELS[m]: (MODEL_COLORS[m], "-", MODEL_LABELS[m])
+                 for m in ("dimezblnet_switched", "dimezblnet_interpolated")},
               "GFN2-xTB": ("tab:green", "-", "GFN2-xTB (reference)")}
     fig, axes = _figure(len(curves), width=5.2, height=4.3)
     for ax, curve in zip(axes[0], curves):
@@ -6031,6 +6041,12 @@ def shortrange_checkpoints(profile: str = "smoke", molecules: Sequence[str] = MD
     return pd.DataFrame(rows)
 
 
+def _shortrange_models(checkpoints: pd.DataFrame) -> list:
+    """The models of a checkpoints table in MODEL_RECIPES order (DimeNet, then the ZBL recipes)."""
+    present = set(checkpoints["model"])
+    return [m for m in MODEL_RECIPES if m in present]
+
+
 def _checkpoint_of(checkpoints: pd.DataFrame, molecule: str, model: str) -> str:
     rows = checkpoints[(checkpoints["molecule"] == molecule) & (checkpoints["model"] == model)]
     if rows.empty:
@@ -6170,7 +6186,7 @@ def md_stability(checkpoints: pd.DataFrame, molecules: Optional[Sequence[str]] =
     for ensemble in ensembles:
         if ensemble not in SHORTRANGE_ENSEMBLES:
             raise ValueError(f"unknown ensemble {ensemble!r}: use one of {SHORTRANGE_ENSEMBLES}")
-    models = [m for m in SHORTRANGE_MODELS if m in set(checkpoints["model"])]
+    models = _shortrange_models(checkpoints)
     tasks = [(molecule, ensemble, float(t), int(s)) for molecule in molecules for ensemble in ensembles
              for t in temperatures_k for s in seeds]
     rows = []
@@ -6204,7 +6220,7 @@ def summarize_md_stability(trajectories: pd.DataFrame) -> pd.DataFrame:
     for NVE the median |energy drift| (eV/atom/ps) and max |E_total - E_total(0)| (eV/atom) of
     the trajectories that stayed physical."""
     rows = []
-    order = {name: k for k, name in enumerate((*SHORTRANGE_MODELS, REFERENCE_MODEL))}
+    order = {name: k for k, name in enumerate((*MODEL_RECIPES, REFERENCE_MODEL))}
     for (model, ensemble, temperature), group in trajectories.groupby(["model", "ensemble", "temperature_k"]):
         failed, physical = group[group["unphysical"]], group[~group["unphysical"]]
         reasons = failed["reason"].str.split(":").str[0].value_counts()
@@ -6268,10 +6284,10 @@ def xtb_bond_scan(atoms, bond, distances_a, unit: str = "kcal/mol", num_threads:
 
 
 def compression_curve_with_reference(checkpoint, bond, atoms=None, distances_a=None, dimenet_checkpoint=None,
-                                     device: str = "cpu") -> pd.DataFrame:
+                                     device: str = "cpu", other_checkpoints=None) -> pd.DataFrame:
     """`compression_curve` with a "GFN2-xTB" column: the reference method on the same
     geometries (`xtb_bond_scan`), relative to r0, in the model's unit (kcal/mol for MD17)."""
-    curve = compression_curve(checkpoint, bond, atoms, distances_a, dimenet_checkpoint, device)
+    curve = compression_curve(checkpoint, bond, atoms, distances_a, dimenet_checkpoint, device, other_checkpoints)
     if atoms is None:
         config = TrainConfig.from_dict(load_checkpoint(checkpoint)["config"])
         atoms = md17_start_geometry(config.target)[0] if config.dataset == "md17" else None
@@ -6296,8 +6312,10 @@ def shortrange_compression(checkpoints: pd.DataFrame, molecules: Optional[Sequen
         dimezblnet = _checkpoint_of(checkpoints, molecule, "dimezblnet")
         dimenet = _checkpoint_of(checkpoints, molecule, "dimenet") \
             if (checkpoints["model"] == "dimenet").any() else None
+        others = {MODEL_LABELS.get(m, m): _checkpoint_of(checkpoints, molecule, m)
+                  for m in _shortrange_models(checkpoints) if m not in ("dimenet", "dimezblnet")}
         for bond in element_pair_bonds(atoms):
-            curve = compression_curve_with_reference(dimezblnet, bond, atoms, distances_a, dimenet, device)
+            curve = compression_curve_with_reference(dimezblnet, bond, atoms, distances_a, dimenet, device, others)
             curve.attrs["molecule_name"] = molecule
             curves.append(curve)
     return curves
@@ -6314,8 +6332,8 @@ def summarize_compression(curves: Sequence[pd.DataFrame]) -> pd.DataFrame:
     E(r) - E(r0) over r < r0 (negative: the model puts a compressed bond below equilibrium,
     which the reference never does), in the curves' unit."""
     rows = []
-    models = ("GFN2-xTB", "DimeNet", "DimezblNet")
     for curve in curves:
+        models = ["GFN2-xTB"] + [c for c in curve.columns if c not in ("distance_a", "learned part", "ZBL", "GFN2-xTB")]
         unit = curve.attrs["unit"]
         row = {"molecule": curve.attrs.get("molecule_name", curve.attrs["molecule"]),
                "bond": curve.attrs["bond"].split(" (")[0], "atoms": curve.attrs["bond"].split("(atoms ")[-1][:-1],
@@ -6394,7 +6412,7 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
     panels, and the NVE energy drift (eV/atom/ps, log scale) of the physical trajectories."""
     if summary.empty:
         raise ValueError("no MD stability results to plot")
-    colors = {"DimeNet": MODEL_COLORS["dimenet"], "DimezblNet": MODEL_COLORS["dimezblnet"], "GFN2-xTB": "k"}
+    colors = {**{MODEL_LABELS[m]: color for m, color in MODEL_COLORS.items()}, "GFN2-xTB": "k"}
     models = list(dict.fromkeys(summary["model"]))
     fig, axes = _figure(3, width=4.2, height=3.4)
     width = 0.8 / len(models)

@@ -274,7 +274,7 @@ def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name
     fig, axes = dc._figure(width=7.0, height=0.45 * max(4, rows * 3))
     ax = axes[0, 0]
     keys = list(dict.fromkeys(zip(summary["cell"], summary["quantity"])))
-    colors = {"dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange", "dimezblnet_interpolated": "tab:green"}
+    colors = dc.MODEL_COLORS
     for k, (cell, quantity) in enumerate(keys):
         for m, model in enumerate(FAIR_MODELS[1:]):
             row = summary[(summary["cell"] == cell) & (summary["quantity"] == quantity) & (summary["model"] == model)]
@@ -299,8 +299,7 @@ def plot_convergence(runs: pd.DataFrame, target: str = "ethanol", results_dir=FA
     """Validation force MAE (mean over seeds) against step for each model at 2,000 and 8,000 steps."""
     fig, axes = dc._figure(width=6.0, height=4.0)
     ax = axes[0, 0]
-    colors = {"dimenet": "tab:blue", "dimezblnet": "tab:red", "dimezblnet_switched": "tab:orange",
-              "dimezblnet_interpolated": "tab:green"}
+    colors = dc.MODEL_COLORS
     for profile, style in (("fair", "--"), ("fair_long", "-")):
         for model in FAIR_MODELS:
             selected = runs[(runs["profile"] == profile) & (runs["target"] == target) & (runs["model"] == model)]
@@ -344,6 +343,38 @@ def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
     return paths
 
 
+# --- short range -----------------------------------------------------------------------------------------
+
+FAIR_SHORTRANGE_BUDGET = dict(n_steps=2000, seeds=(0, 1, 2), compression_step_a=0.025,
+                              temperatures_k=(1000.0, 1500.0))  # 1 ps per trajectory at 0.5 fs
+
+
+def fair_shortrange_checkpoints(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0) -> pd.DataFrame:
+    """The best checkpoints of every fair model of `molecule` (2,000-step cell, training seed `seed`) as the
+    table `dc.shortrange_experiment` takes. Checkpoints are not committed: they exist where the runs trained."""
+    runs = fair_runs(results_dir)
+    runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17")]
+    rows = []
+    for model in FAIR_MODELS:
+        path = dc.checkpoint_path(runs, molecule, model, seed, results_dir)
+        row = runs[(runs["target"] == molecule) & (runs["model"] == model) & (runs["seed"] == seed)].iloc[0]
+        rows.append({"molecule": molecule, "model": model, "seed": seed, "checkpoint": str(path),
+                     "run_dir": row["run_dir"], "profile": "fair", "git_commit": row["git_commit"]})
+    return pd.DataFrame(rows)
+
+
+def fair_shortrange(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0, progress: bool = True,
+                    **budget) -> dict:
+    """Bond compression against GFN2-xTB and MD stability (Langevin and NVE at 1000 and 1500 K, several MD
+    seeds) of DimeNet and each ZBL recipe (`fair_shortrange_checkpoints`), with `dc.shortrange_experiment`:
+    tables in <results_dir>/shortrange/, figures in <results_dir>/figures/. budget overrides
+    FAIR_SHORTRANGE_BUDGET (and takes shortrange_experiment's other keywords, e.g. reference=False)."""
+    budget = {**FAIR_SHORTRANGE_BUDGET, **budget}
+    checkpoints = fair_shortrange_checkpoints(results_dir, molecule, seed)
+    return dc.shortrange_experiment("cpu", [molecule], checkpoints=checkpoints,
+                                    results_dir=dc.results_path(results_dir), progress=progress, **budget)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dimezbl.fair", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,12 +385,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.add_argument("--device", default="auto")
     train.add_argument("--no-progress", action="store_true")
     sub.add_parser("report", help="tables and figures from the finished runs (no training)")
+    short = sub.add_parser("shortrange", help="compression curves and MD stability of the fair models of one "
+                                              "molecule (needs their checkpoints)")
+    short.add_argument("--molecule", default="ethanol")
+    short.add_argument("--seed", type=int, default=0, help="the training seed of the models")
     parser.add_argument("--results-dir", default=FAIR_RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.command == "train":
         cells = FAIR_CELLS if args.cells is None else [Cell(*text.split("/")) for text in args.cells]
         train_fair(cells, args.seeds, results_dir=args.results_dir, progress=not args.no_progress,
                    device=args.device)
+    elif args.command == "shortrange":
+        fair_shortrange(args.results_dir, args.molecule, args.seed)
     else:
         paths = write_fair_report(args.results_dir)
         for path in paths:

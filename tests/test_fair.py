@@ -260,3 +260,21 @@ def test_fair_notebook_runs_headless(tiny_fair_results, tmp_path):
     images = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the forest plot and the convergence figure, inline
+
+
+def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
+    results, _ = tiny_fair_results
+    out = fair.fair_shortrange(results, "ethanol", seed=0, progress=False, n_steps=20, seeds=(0,),
+                               temperatures_k=(1000.0,), compression_step_a=0.5, reference=False)
+    labels = {dc.MODEL_LABELS[m] for m in fair.FAIR_MODELS}
+    assert set(out["md_summary"]["model"]) == labels
+    columns = set(out["curves"][0].columns)
+    assert labels <= columns and "GFN2-xTB" in columns
+    summary = out["compression_summary"]
+    assert {f"{label} E(0.5 A)" for label in labels} <= set(summary.columns)
+    # compressed to 0.5 A, recipes (b) and (c) act (unlike at the data's distances): not DimeNet's curve
+    c_h = summary[summary["bond"] == "C-H"].iloc[0]
+    for label in ("DimezblNet (switched)", "DimezblNet (interpolated)"):
+        assert c_h[f"{label} E(0.5 A)"] > c_h["DimeNet E(0.5 A)"] + 100.0  # kcal/mol: the ZBL wall
+    assert (results / "shortrange" / "md_stability.md").exists()
+    assert (results / "figures" / "shortrange_md_stability.png").exists()
