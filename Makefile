@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 PROFILE ?= smoke
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce lab clean md17-data benchmark shortrange fair fair-report
+.PHONY: setup test reproduce lab clean md17-data benchmark shortrange fair fair-report fair-shortrange
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ fair: $(STAMP)
 
 fair-report: $(STAMP)
 	$(PY) -m dimezbl.fair report
+
+# Compression curves and MD stability of the fair ethanol models (training seed 0; needs their checkpoints).
+fair-shortrange: $(STAMP)
+	$(PY) -m dimezbl.fair shortrange
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

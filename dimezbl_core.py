@@ -2607,7 +2607,7 @@ def read_md17_npz(path) -> dict[str, np.ndarray]:
     unreadable = f"{path} is not a readable npz file"
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{unreadable} ({error}); re-download or regenerate it") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ValueError(f"{unreadable} (it holds a single array, not named arrays)")
@@ -2638,6 +2638,11 @@ def read_md17_npz(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: forces have shape {f.shape}, positions {r.shape}; they must match")
     if e.shape != (r.shape[0],):
         raise ValueError(f"{path}: energies have shape {e.shape}, expected [{r.shape[0]}] or [{r.shape[0]}, 1]")
+    for key, values in zip(layout_keys[:3], (e, f, r)):
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{path}: {key} of configuration {int(np.argmax(bad))} is not finite (NaN or inf; "
+                             f"{int(bad.sum())} configuration(s) in all): remove them or regenerate the file")
     return {"z": z.astype(np.int64), "R": r, "E": e, "F": f, "layout": layout}
 
 
@@ -3260,6 +3265,97 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type in _FLOAT_TYPES and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
+        self.validate()
+
+    def validate(self):
+        """Check every field (type, range, choices) at construction, for the command line, notebooks and
+        Python alike; a bad value is a ValueError naming the field, the value and what it may be."""
+        def fail(name, wanted):
+            raise ValueError(f"config field {name}={getattr(self, name)!r} is invalid: {wanted}")
+
+        def integer(name, low, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(name, f"it must be an integer >= {low}" + (" or null" if optional else ""))
+
+        def number(name, low, high=math.inf, low_open=False, high_open=False, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+            if not ok:
+                bounds = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                          f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+                fail(name, f"it must be a number {bounds}" + (" or null" if optional else ""))
+
+        def choice(name, choices, optional=False):
+            value = getattr(self, name)
+            if not (value is None and optional) and value not in choices:
+                fail(name, f"use one of {list(choices)}" + (" or null" if optional else ""))
+
+        choice("dataset", ("qm9", "md17"))
+        if self.dataset == "qm9" and self.target not in QM9_TARGETS:
+            fail("target", f"use one of the QM9 targets {list(QM9_TARGETS)}")
+        if self.dataset == "md17" and (not isinstance(self.target, str) or self.target not in MD17_MOLECULES):
+            fail("target", f"use one of the MD17 molecules {list(MD17_MOLECULES)} (md17_molecule_name spells them)")
+        for name in ("zbl", "amp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "it must be true or false")
+        for name in ("profile", "out_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(name, "it must be a non-empty string")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
+            fail("name", "it must be null or a non-empty name without '/'")
+        if not isinstance(self.model, dict):
+            fail("model", "it must be a dict of DimezblNet keyword arguments")
+        choice("md17_source", MD17_SOURCES)
+        for name in ("md17_path", "data_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, "it must be null or a path (string)")
+        for name in ("n_train", "n_valid", "n_test"):
+            integer(name, 1, optional=True)
+        integer("batch_size", 1)
+        integer("warmup_steps", 0)
+        integer("decay_steps", 1, optional=True)
+        integer("max_steps", 1)
+        integer("eval_every", 1)
+        integer("checkpoint_every", 1, optional=True)
+        integer("early_stopping_patience", 1, optional=True)
+        integer("seed", 0)
+        integer("split_seed", 0)
+        number("learning_rate", 0.0, low_open=True)
+        number("decay_rate", 0.0, 1.0, low_open=True)
+        number("ema_decay", 0.0, 1.0, high_open=True)
+        number("grad_clip_norm", 0.0, low_open=True)
+        number("amsgrad_eps", 0.0, low_open=True)
+        number("force_weight", 0.0)
+        number("max_wall_s", 0.0, low_open=True, optional=True)
+        choice("target_offset", TARGET_OFFSETS, optional=True)
+        choice("dtype", ("float32", "float64"))
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or (
+                self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            fail("device", "use auto, cpu, cuda or cuda:N")
+        defaults = {name: parameter.default for name, parameter in inspect.signature(DimezblNet.__init__).parameters.items()
+                    if name != "self"}
+        for name, value in self.model.items():
+            default = defaults.get(name)
+            wanted = type(default) if default is not None else None
+            if wanted is None or name not in defaults:
+                continue  # unknown names are from_dict's error; None defaults take an int
+            if wanted is bool:
+                ok = isinstance(value, bool)
+            elif wanted is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            elif wanted is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, wanted)
+            if not ok:
+                raise ValueError(f"config field model.{name}={value!r} is invalid: it must be "
+                                 f"{'a non-negative integer' if wanted is int else 'a ' + wanted.__name__}")
 
     @property
     def model_name(self) -> str:
@@ -3720,10 +3816,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated or not a checkpoint
         raise ValueError(f"checkpoint {path} is corrupt or not a DimezblNet checkpoint ({error}); "
                          "delete it to start over, or resume from another one") from error
+    if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is a torch file but not a DimezblNet checkpoint (it needs the keys 'config' and "
+                         f"'model'; it holds {found}): give the checkpoint_best.pt or checkpoint_last.pt of a run")
+    return checkpoint
 
 
 def git_state() -> dict:
@@ -4177,7 +4278,7 @@ def add_train_arguments(parser):
     parser.add_argument("--profile", default="smoke", choices=sorted(PROFILES))
     parser.add_argument("--no-zbl", action="store_true", help="train the plain DimeNet baseline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
     parser.add_argument("--out-dir", default=None, help="default results/runs")
     parser.add_argument("--data-dir", default=None, help="default $DIMEZBL_DATA_DIR or data/")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -4216,7 +4317,7 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
                         help="models to train (MODEL_RECIPES; default: DimeNet and the literal DimezblNet)")
     parser.add_argument("--results-dir", default=None, help="default <repository>/results")
     parser.add_argument("--data-dir", default=None, help="default $DIMEZBL_DATA_DIR or <repository>/data")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default torch's); with two jobs on two cores use 1 each")
     parser.add_argument("--reuse-committed", action="store_true",
@@ -4228,11 +4329,14 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    overrides = parse_set_arguments(args.set)
+    if args.device is not None and overrides.get("device", args.device) != args.device:
+        parser.error(f"--device {args.device} and --set device={overrides['device']} disagree: give one of them")
+    device = overrides.pop("device", args.device)
     try:
         run_models(args.profile, args.dataset, args.targets, args.seeds, models=args.models,
-                   data_dir=args.data_dir, results_dir=args.results_dir, device=args.device, progress=False,
-                   reuse_committed=args.reuse_committed, train_missing=not args.no_training,
-                   **parse_set_arguments(args.set))
+                   data_dir=args.data_dir, results_dir=args.results_dir, device=device, progress=False,
+                   reuse_committed=args.reuse_committed, train_missing=not args.no_training, **overrides)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
@@ -4241,6 +4345,8 @@ def run_models_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def config_from_arguments(args) -> TrainConfig:
     overrides = parse_set_arguments(args.set)
+    if args.device is not None and overrides.get("device", args.device) != args.device:
+        raise ValueError(f"--device {args.device} and --set device={overrides['device']} disagree: give one of them")
     for key in ("device", "out_dir", "data_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -5720,6 +5826,10 @@ class DimezblCalculator(_ase_calculator_base()):
         from ase.calculators.calculator import all_changes
 
         super().calculate(atoms, properties, system_changes or all_changes)
+        if self.atoms.pbc.any():
+            raise ValueError(f"periodic boundary conditions (pbc={self.atoms.pbc.tolist()}) are not supported: "
+                             "DimezblNet is a potential for isolated molecules and would ignore the cell; set "
+                             "atoms.pbc = False for a molecule in vacuum")
         numbers = self.atoms.get_atomic_numbers()
         if self.elements is not None:
             unknown = sorted(set(numbers.tolist()) - set(self.elements))

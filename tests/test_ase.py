@@ -83,3 +83,16 @@ def test_unknown_elements_are_refused():
     atoms.calc = untrained_calculator(elements=[1, 6])
     with pytest.raises(ValueError, match=r"elements \[8\] were not in the training data"):
         atoms.get_potential_energy()
+
+
+@pytest.mark.parametrize("pbc", [True, (True, False, False)])
+def test_periodic_cells_are_refused(pbc):
+    """A molecule in a small periodic cell would otherwise be computed as the isolated molecule."""
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = untrained_calculator()
+    isolated = atoms.get_potential_energy()
+    atoms.set_cell([4.0, 4.0, 4.0])  # a cell alone (pbc False) changes nothing
+    assert atoms.get_potential_energy() == pytest.approx(isolated)
+    atoms.pbc = pbc
+    with pytest.raises(ValueError, match=r"periodic boundary conditions .* not supported.*atoms.pbc = False"):
+        atoms.get_potential_energy()

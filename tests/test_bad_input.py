@@ -119,3 +119,47 @@ def test_compile_with_force_training_is_refused_with_the_reason():
     config = dc.profile_config("smoke", "md17", "ethanol", compile=True)
     with pytest.raises(ValueError, match="compile=True cannot train on forces"):
         dc.train(config, progress=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_steps", -5, "max_steps=-5 is invalid: it must be an integer >= 1"),
+    ("max_steps", 0, "max_steps=0 is invalid"),
+    ("max_steps", "abc", "max_steps='abc' is invalid"),
+    ("max_steps", None, "max_steps=None is invalid"),
+    ("ema_decay", 2, r"ema_decay=2.0 is invalid: it must be a number in \[0, 1\)"),
+    ("learning_rate", "x", "learning_rate='x' is invalid: it must be a number > 0"),
+    ("model.hidden_channels", "x", "model.hidden_channels='x' is invalid: it must be a non-negative integer"),
+    ("dtype", "float16", r"dtype='float16' is invalid: use one of \['float32', 'float64'\]"),
+    ("batch_size", 0, "batch_size=0 is invalid"),
+    ("batch_size", -3, "batch_size=-3 is invalid"),
+    ("device", "tpu", "device='tpu' is invalid: use auto, cpu, cuda or cuda:N"),
+    ("target_offset", "median", "target_offset='median' is invalid"),
+    ("zbl", "yes", "zbl='yes' is invalid: it must be true or false"),
+])
+def test_config_values_are_validated_at_construction(field, value, message):
+    """Every field is checked when the config is made (before any data is loaded or file written)."""
+    with pytest.raises(ValueError, match=message):
+        dc.profile_config("smoke", "md17", "ethanol", **{field: value})
+
+
+def test_device_on_the_command_line_and_in_set_cannot_disagree():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    dc.add_train_arguments(parser)
+    args = parser.parse_args(["--dataset", "md17", "--target", "ethanol", "--device", "cpu", "--set", 'device="cuda"'])
+    with pytest.raises(ValueError, match="--device cpu and --set device=cuda disagree"):
+        dc.config_from_arguments(args)
+    args = parser.parse_args(["--dataset", "md17", "--target", "ethanol", "--set", 'device="cpu"'])
+    assert dc.config_from_arguments(args).device == "cpu"  # --set alone is kept
+    with pytest.raises(SystemExit):
+        dc.run_models_main(["--dataset", "md17", "--targets", "ethanol", "--device", "cpu", "--set",
+                            'device="cuda"', "--no-training"])
+
+
+def test_a_bad_target_leaves_no_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="target='caffeine' is invalid: use one of the MD17 molecules"):
+        dc.TrainConfig(dataset="md17", target="caffeine")
+    with pytest.raises(ValueError, match="target='HOMO' is invalid: use one of the QM9 targets"):
+        dc.train(dc.TrainConfig(dataset="qm9", target="HOMO", out_dir=str(tmp_path)), progress=False)
+    assert not any(tmp_path.iterdir())

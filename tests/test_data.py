@@ -264,6 +264,26 @@ def test_md17_npz_with_missing_keys(tmp_path):
         dc.read_md17_npz(path)
 
 
+@pytest.mark.parametrize("field, value", [("E", np.nan), ("F", np.inf), ("R", -np.inf)])
+def test_md17_npz_with_non_finite_values_names_file_key_and_configuration(tmp_path, field, value):
+    a = _md17_arrays()
+    a[field] = a[field].copy()
+    a[field][2] = value  # every entry of configuration 2
+    a[field].reshape(len(a[field]), -1)[3, 0] = value  # one entry of configuration 3 (a view)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **a)
+    with pytest.raises(ValueError, match=rf"bad.npz: {field} of configuration 2 is not finite .*2 configuration"):
+        dc.read_md17_npz(path)
+
+
+def test_truncated_md17_npz_is_a_clear_error(tmp_path):
+    path = tmp_path / "cut.npz"
+    np.savez(path, **_md17_arrays())
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.npz is not a readable npz file.*re-download or regenerate"):
+        dc.read_md17_npz(path)
+
+
 @pytest.mark.parametrize("field, bad, message", [
     ("F", lambda a: a["F"][:, :8], "forces have shape"),
     ("E", lambda a: a["E"][:3], "energies have shape"),

@@ -186,6 +186,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         dc.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dc.load_checkpoint(tmp_path / "missing.pt")
+    other = tmp_path / "weights.pt"  # a torch file, but not a run's checkpoint
+    torch.save({"weight": torch.ones(2)}, other)
+    with pytest.raises(ValueError, match=r"not a DimezblNet checkpoint .*'config' and 'model'.*\['weight'\]"):
+        dc.load_checkpoint(other)
+    torch.save(torch.ones(2), other)
+    with pytest.raises(ValueError, match="it holds Tensor"):
+        dc.load_checkpoint(other)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -199,7 +206,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
         dc.atomic_torch_save({"a": torch.zeros(2)}, path)
-    assert torch.equal(dc.load_checkpoint(path)["a"], torch.ones(2))  # the old one survives
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))  # the old one survives
 
 
 def test_two_process_gloo_training_matches_one_process(tmp_path):
