@@ -3569,8 +3569,9 @@ def collate(samples, target_index: Optional[int] = None, offset=(0.0, 0.0)) -> B
 
 @torch.no_grad()
 def molecule_zbl_energies(samples, zbl: ZBL, chunk: int = 256, unit_weight: bool = False) -> Tensor:
-    """float64 [B]: the (switched) ZBL energy of each molecule in the ZBL module's unit, times the
-    module's weight (`scale`), or times 1 with unit_weight (E_zbl itself, whatever was learned)."""
+    """float64 [B]: the ZBL part of each molecule's energy as the model combines it (`ZBL.combine` with a
+    zero network: the switched pair sum, or w_i-weighted for zbl_combine="interpolate") in the ZBL module's
+    unit, times the module's weight (`scale`), or times 1 with unit_weight (whatever was learned)."""
     zbl = copy.deepcopy(zbl).cpu().double()
     if unit_weight:
         zbl.scale.fill_(1.0)
@@ -3666,9 +3667,7 @@ class RunData:
 
     def __init__(self, config: TrainConfig, zbl: Optional[ZBL] = None):
         self.config = config
-        if config.dataset == "qm9":
-            if config.target not in QM9_TARGETS:
-                raise ValueError(f"unknown QM9 target {config.target!r}: use one of {QM9_TARGETS}")
+        if config.dataset == "qm9":  # the target was checked by TrainConfig.validate
             full = load_qm9(config.data_dir)
             split = subset_split(qm9_split(len(full), config.split_seed), config.n_train,
                                  config.n_valid, config.n_test)  # fmt: skip
