@@ -10,7 +10,6 @@ writes results/fair/tables and results/fair/figures from the finished runs witho
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -92,9 +91,10 @@ def fair_runs(results_dir=FAIR_RESULTS_DIR) -> pd.DataFrame:
     extra = []
     for run_dir in runs["run_dir"]:
         path = dc.results_path(results_dir, run_dir)
-        metrics = json.loads((path / "metrics.json").read_text())
+        fix = dc._retrain_hint(path)
+        metrics = dc._read_run_file(path / "metrics.json", fix)
         provenance_path = path / "provenance.json"
-        provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+        provenance = dc._read_run_file(provenance_path, fix) if provenance_path.exists() else {}
         extra.append({"data_sha256": provenance.get("data", {}).get("content_sha256"),
                       "offset_method": metrics.get("offset_method"),
                       "final_learning_rate": metrics.get("final_learning_rate")})
