@@ -1,4 +1,4 @@
-"""Paired A/B timing of two versions of dimezbl_core.py on one training step (issue 6).
+"""Paired A/B timing of two versions of dimezbl_core.py on one training step.
 
 Each version (a git revision, or WORKTREE for the file on disk) is imported as its own module; both
 build the same model from the same PyG weights (seeded), their energies and forces are checked to
@@ -6,11 +6,12 @@ agree with each other, and then their steps run interleaved (A, B, A, B, ...) af
 so that a slow phase of the machine hits both alike. Prints the per-call times, their medians, and
 the median of the paired ratios B / A (below 1: B is faster).
 
-Run: .venv/bin/python bench/ab_revisions.py HEAD WORKTREE [--variant dimenet++] [--kind force_train_step]
+Run: .venv/bin/python -m bench.ab_revisions HEAD WORKTREE [--variant dimenet++] [--kind force_train_step]
      [--workload qm9] [--pairs 6]
 DIMEZBL_COMPILED_KERNELS=1 in the environment turns the fused swish kernels on in every version that has them.
 Pause other jobs on the machine while it runs.
 """
+
 import argparse
 import importlib.util
 import os
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-import bench_dimenet as bench
+from bench import bench_dimenet as bench
 
 WORKTREE = "WORKTREE"
 
@@ -32,8 +33,9 @@ def load_revision(revision: str, tmpdir: str):
     if revision == WORKTREE:
         path = os.path.join(bench.REPO, "dimezbl_core.py")
     else:
-        source = subprocess.run(["git", "show", f"{revision}:dimezbl_core.py"], cwd=bench.REPO, check=True,
-                                capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "show", f"{revision}:dimezbl_core.py"], cwd=bench.REPO, check=True, capture_output=True, text=True
+        ).stdout
         path = os.path.join(tmpdir, f"dimezbl_core_{revision.replace('/', '_')}.py")
         with open(path, "w") as out:
             out.write(source)
@@ -61,8 +63,15 @@ def main(argv=None):
     workload = (bench.qm9_workload if args.workload == "qm9" else bench.md17_workload)(args.batch_size)
     print(f"{args.workload}: {workload.stats}; {torch.get_num_threads()} threads; {args.variant} {args.kind}")
     with tempfile.TemporaryDirectory() as tmpdir:
-        entries = [bench.make_entry(rev, rev, bench.our_model(load_revision(rev, tmpdir), args.variant, False, reference),
-                                    torch.device("cpu")) for rev in (args.a, args.b)]
+        entries = [
+            bench.make_entry(
+                rev,
+                rev,
+                bench.our_model(load_revision(rev, tmpdir), args.variant, False, reference),
+                torch.device("cpu"),
+            )
+            for rev in (args.a, args.b)
+        ]
         w = workload
         outputs = [bench.energy_and_forces(e.model, w.z, w.pos, w.batch, create_graph=False) for e in entries]
         for name, (x, y) in (("energy", (outputs[0][0], outputs[1][0])), ("forces", (outputs[0][1], outputs[1][1]))):
@@ -81,11 +90,15 @@ def main(argv=None):
                 step()
                 times[k].append(time.perf_counter() - start)
     for label, values in zip((args.a, args.b), times):
-        print(f"{label:>10}: median {statistics.median(values) * 1e3:7.1f} ms of "
-              + ", ".join(f"{v * 1e3:.0f}" for v in values))
+        print(
+            f"{label:>10}: median {statistics.median(values) * 1e3:7.1f} ms of "
+            + ", ".join(f"{v * 1e3:.0f}" for v in values)
+        )
     ratios = [b / a for a, b in zip(*times)]
-    print(f"B / A: median of the {len(ratios)} paired ratios {statistics.median(ratios):.3f} "
-          f"(range {min(ratios):.3f}-{max(ratios):.3f}); load {os.getloadavg()[0]:.2f}")
+    print(
+        f"B / A: median of the {len(ratios)} paired ratios {statistics.median(ratios):.3f} "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f}); load {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Speed and memory of DimezblNet against PyTorch Geometric's DimeNet and DimeNet++, side by side (issue 6).
+"""Speed and memory of DimezblNet against PyTorch Geometric's DimeNet and DimeNet++, side by side.
 
 One process, one run: PyG 2.8.1's ``DimeNet`` and ``DimeNetPlusPlus`` (unchanged) and ``dimezbl_core.DimezblNet``
 (DimeNet, DimeNet + ZBL, DimeNet++) with identical hyperparameters and identical weights (PyG's state dict loaded
@@ -43,7 +43,7 @@ the profiler's cost negligible.
 HOW PyG's MODEL IS RUN. PyG's ``DimeNet.forward`` calls ``radius_graph`` (needs pyg-lib or torch-cluster) and
 ``triplets`` (needs torch-sparse); neither extension is installable here. As in tests/test_pyg_equivalence.py,
 those two module-level names of ``torch_geometric.nn.models.dimenet`` are replaced by the pure-torch stand-ins of
-tests/_pyg_standins.py. The stand-ins are dense O(N^2) and O(E^2) (the triplet match of a QM9 batch builds 81 M
+bench/_pyg_standins.py. The stand-ins are dense O(N^2) and O(E^2) (the triplet match of a QM9 batch builds 81 M
 booleans), far slower and bigger than the compiled extensions, so by default (``--pyg-graph cached``) their
 result is computed once per batch and then served from a cache: PyG's timings and memory then contain no graph
 construction at all, while our models build their graph in every call. This favours PyG. ``--pyg-graph standin``
@@ -58,9 +58,10 @@ faster; zbl_overhead = DimezblNet time / our DimeNet time - 1 for the force trai
 
   ratio_force_train_step=<x> ratio_energy_train_step=<y> zbl_overhead=<z>
 
-Run: .venv/bin/python bench/bench_dimenet.py [--json results/bench_dimenet.json]   (under 10 minutes on this
+Run: .venv/bin/python -m bench.bench_dimenet [--json results/bench_dimenet.json]   (under 10 minutes on this
 project's idle 2-core CPU); --quick is a smoke check (2 molecules per batch, 1 repetition), not a measurement.
 """
+
 import argparse
 import contextlib
 import datetime
@@ -77,18 +78,22 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch_geometric.nn.models import dimenet as pyg_dimenet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import dimezbl_core as dc  # noqa: E402
-from _pyg_standins import memoize_pyg_basis_forms, radius_graph_reference, triplets_reference  # noqa: E402
-from torch_geometric.nn.models import dimenet as pyg_dimenet  # noqa: E402
+import dimezbl as dz
+import dimezbl_core as dc
 
 # Published hyperparameters (DimeNet: Klicpera et al. 2020, DimeNet++: Klicpera et al. 2020b), as in
 # tests/test_pyg_equivalence.py.
-from _pyg_standins import DIMENET_KW, DIMENETPP_KW  # noqa: E402  (published hyperparameters)
+from bench._pyg_standins import (  # published hyperparameters
+    DIMENET_KW,
+    DIMENETPP_KW,
+    memoize_pyg_basis_forms,
+    radius_graph_reference,
+    triplets_reference,
+)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("forward", "energy_train_step", "force_train_step", "md_inference")
 FORCE_LOSS_WEIGHT = 100.0  # rho of DimeNet's MD17 loss MAE(E) + rho MAE(F); it does not change the cost
 LEARNING_RATE = 1e-5  # small: the weights barely move over the few timed steps
@@ -128,32 +133,46 @@ def concatenate(molecules, name, description, seed) -> Workload:
     pos = torch.cat([m[1] for m in molecules]).float()
     batch = torch.cat([torch.full((len(m[0]),), b, dtype=torch.long) for b, m in enumerate(molecules)])
     generator = torch.Generator().manual_seed(seed)
-    workload = Workload(name, description, z, pos, batch,
-                        torch.randn(len(molecules), generator=generator),
-                        torch.randn(pos.shape, generator=generator))
+    workload = Workload(
+        name,
+        description,
+        z,
+        pos,
+        batch,
+        torch.randn(len(molecules), generator=generator),
+        torch.randn(pos.shape, generator=generator),
+    )
     edge_index = radius_graph_reference(pos, r=DIMENET_KW["cutoff"], batch=batch, max_num_neighbors=10**9)
     num_triplets = triplets_reference(edge_index, len(z))[-1].numel()
-    workload.stats = dict(molecules=len(molecules), atoms=len(z), edges=int(edge_index.shape[1]),
-                          triplets=int(num_triplets))
+    workload.stats = dict(
+        molecules=len(molecules), atoms=len(z), edges=int(edge_index.shape[1]), triplets=int(num_triplets)
+    )
     return workload
 
 
 def qm9_workload(batch_size: int) -> Workload:
-    dataset = dc.load_qm9()
-    train_indices = dc.qm9_split()[0][:batch_size]
+    dataset = dz.load_qm9()
+    train_indices = dz.qm9_split()[0][:batch_size]
     molecules = [(item.z, item.pos) for item in (dataset[int(i)] for i in train_indices)]
     return concatenate(molecules, "qm9", f"first {batch_size} molecules of the QM9 training split", SEED)
 
 
 def md17_workload(batch_size: int) -> Workload:
-    atoms, source = dc.md17_start_geometry("aspirin")
+    atoms, source = dz.md17_start_geometry("aspirin")
     z = torch.as_tensor(atoms.numbers, dtype=torch.long)
     base = torch.as_tensor(atoms.positions, dtype=torch.float64)
     generator = torch.Generator().manual_seed(SEED + 1)
-    molecules = [(z, base + MD17_DISPLACEMENT_A * torch.randn(base.shape, generator=generator, dtype=torch.float64))
-                 for _ in range(batch_size)]
-    return concatenate(molecules, "md17", f"{batch_size} x aspirin ({len(z)} atoms, {source} start geometry, "
-                       f"{MD17_DISPLACEMENT_A} A seeded displacements)", SEED + 2)
+    molecules = [
+        (z, base + MD17_DISPLACEMENT_A * torch.randn(base.shape, generator=generator, dtype=torch.float64))
+        for _ in range(batch_size)
+    ]
+    return concatenate(
+        molecules,
+        "md17",
+        f"{batch_size} x aspirin ({len(z)} atoms, {source} start geometry, "
+        f"{MD17_DISPLACEMENT_A} A seeded displacements)",
+        SEED + 2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,9 +187,15 @@ class CachedStandins:
 
     def radius_graph(self, x, r, batch=None, **kwargs):
         for key_x, key_batch, key_r, edge_index in self.graphs:
-            if key_r == r and key_x.shape == x.shape and torch.equal(key_x, x.detach()) and (
-                    (batch is None and key_batch is None) or (batch is not None and key_batch is not None
-                                                               and torch.equal(key_batch, batch))):
+            if (
+                key_r == r
+                and key_x.shape == x.shape
+                and torch.equal(key_x, x.detach())
+                and (
+                    (batch is None and key_batch is None)
+                    or (batch is not None and key_batch is not None and torch.equal(key_batch, batch))
+                )
+            ):
                 self.hits += 1
                 return edge_index
         self.misses += 1
@@ -269,11 +294,16 @@ def build_models(device) -> dict:
     pyg, pyg_pp = pyg_model("dimenet"), pyg_model("dimenet++")
     ours, ours_zbl = our_model(dc, "dimenet", False, pyg), our_model(dc, "dimenet", True, pyg)
     ours_pp = our_model(dc, "dimenet++", False, pyg_pp)
-    return {key: make_entry(key, label, model, device)
-            for key, label, model in (("pyg_dimenet", "PyG DimeNet", pyg), ("ours_dimenet", "ours DimeNet", ours),
-                                      ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl),
-                                      ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp),
-                                      ("ours_dimenetpp", "ours DimeNet++", ours_pp))}
+    return {
+        key: make_entry(key, label, model, device)
+        for key, label, model in (
+            ("pyg_dimenet", "PyG DimeNet", pyg),
+            ("ours_dimenet", "ours DimeNet", ours),
+            ("ours_dimezbl", "ours DimezblNet (DimeNet+ZBL)", ours_zbl),
+            ("pyg_dimenetpp", "PyG DimeNet++", pyg_pp),
+            ("ours_dimenetpp", "ours DimeNet++", ours_pp),
+        )
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,8 +343,12 @@ def make_step(entry: Entry, workload: Workload, kind: str):
     def md_inference():
         energy_and_forces(model, w.z, w.pos, w.batch, create_graph=False)
 
-    return {"forward": forward, "energy_train_step": energy_train_step, "force_train_step": force_train_step,
-            "md_inference": md_inference}[kind]
+    return {
+        "forward": forward,
+        "energy_train_step": energy_train_step,
+        "force_train_step": force_train_step,
+        "md_inference": md_inference,
+    }[kind]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,8 +387,11 @@ def _cpu_peak_allocated(step):
     with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     try:  # the raw allocation records: +bytes per allocation, -bytes per free of a block allocated while profiling
-        records = [e for e in prof.profiler.kineto_results.events()
-                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        records = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
     except AttributeError:
         return None
     records.sort(key=lambda e: e.start_ns())
@@ -399,10 +436,19 @@ class Measurement:
         return None if self.peak_bytes is None else self.peak_bytes / 2**20
 
     def as_dict(self, batch_size: int) -> dict:
-        return dict(model=self.model, workload=self.workload, kind=self.kind, warmup=self.warmup,
-                    repeats=len(self.times_s), times_s=self.times_s, median_s=self.median_s,
-                    molecules_per_s=batch_size / self.median_s, peak_memory_mb=self.peak_mb,
-                    memory_from=self.memory_from, loadavg_1min=self.loadavg_1min)
+        return dict(
+            model=self.model,
+            workload=self.workload,
+            kind=self.kind,
+            warmup=self.warmup,
+            repeats=len(self.times_s),
+            times_s=self.times_s,
+            median_s=self.median_s,
+            molecules_per_s=batch_size / self.median_s,
+            peak_memory_mb=self.peak_mb,
+            memory_from=self.memory_from,
+            loadavg_1min=self.loadavg_1min,
+        )
 
 
 class Runner:
@@ -423,8 +469,9 @@ class Runner:
         """Measurements {key: Measurement}; `into` continues existing ones (extra rounds; `forced=0`: even the
         first extra round is skipped past the deadline)."""
         steps = {e.key: make_step(e, workload, kind) for e in entries}
-        results = into if into is not None else {
-            e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
+        results = (
+            into if into is not None else {e.key: Measurement(e.key, workload.name, kind, warmup) for e in entries}
+        )
         for round_index in range(warmup):
             for e in entries:
                 last = round_index == warmup - 1
@@ -446,9 +493,11 @@ class Runner:
             rounds += 1
         for e in entries:
             m = results[e.key]
-            self.log(f"  {workload.name:5s} {kind:18s} {e.label:30s} median {m.median_s:8.3f} s of "
-                     f"{', '.join(f'{t:.3f}' for t in m.times_s)} (warm-up {m.warmup}), peak "
-                     f"{'n/a' if m.peak_mb is None else f'{m.peak_mb:.0f} MB'}, load {m.loadavg_1min}")
+            self.log(
+                f"  {workload.name:5s} {kind:18s} {e.label:30s} median {m.median_s:8.3f} s of "
+                f"{', '.join(f'{t:.3f}' for t in m.times_s)} (warm-up {m.warmup}), peak "
+                f"{'n/a' if m.peak_mb is None else f'{m.peak_mb:.0f} MB'}, load {m.loadavg_1min}"
+            )
         return results
 
 
@@ -472,11 +521,22 @@ def check_agreement(entries, workload, tolerances, log, records: list) -> bool:
             finite = bool(torch.isfinite(value).all() and torch.isfinite(reference).all())
             passed = finite and scale > 0 and error <= rtol * scale
             ok &= passed
-            records.append(dict(workload=workload.name, model=ours, quantity=quantity, max_abs_error=error,
-                                max_abs_pyg=scale, rtol=rtol, passed=passed))
-            log(f"  {workload.name:5s} {entries[ours].label:16s} {quantity:6s}: max |ours - PyG| = {error:.3e}, "
+            records.append(
+                dict(
+                    workload=workload.name,
+                    model=ours,
+                    quantity=quantity,
+                    max_abs_error=error,
+                    max_abs_pyg=scale,
+                    rtol=rtol,
+                    passed=passed,
+                )
+            )
+            log(
+                f"  {workload.name:5s} {entries[ours].label:16s} {quantity:6s}: max |ours - PyG| = {error:.3e}, "
                 f"max |PyG| = {scale:.3e}, relative {error / scale if scale else float('nan'):.2e} "
-                f"{'ok' if passed else 'FAIL'} (rtol {rtol:g})")
+                f"{'ok' if passed else 'FAIL'} (rtol {rtol:g})"
+            )
     return ok
 
 
@@ -499,8 +559,9 @@ def compile_kernels(enabled: bool, device) -> str:
 def provenance(args, device) -> dict:
     def git(*command):
         try:
-            return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *command], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
@@ -515,90 +576,178 @@ def provenance(args, device) -> dict:
     with open(os.path.join(REPO, "dimezbl_core.py"), "rb") as source:
         core_sha256 = hashlib.sha256(source.read()).hexdigest()
     return dict(
-        command=" ".join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable]
-                         + sys.argv),
+        command=" ".join(
+            [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable] + sys.argv
+        ),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-        dimezbl_core_sha256=core_sha256, torch=torch.__version__, torch_geometric=torch_geometric.__version__,
-        python=platform.python_version(), device=str(device),
+        git_commit=git("rev-parse", "HEAD"),
+        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+        dimezbl_core_sha256=core_sha256,
+        torch=torch.__version__,
+        torch_geometric=torch_geometric.__version__,
+        python=platform.python_version(),
+        device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(), dtype="float32",
-        loadavg_at_start=[round(x, 2) for x in os.getloadavg()], pyg_graph=args.pyg_graph,
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        dtype="float32",
+        loadavg_at_start=[round(x, 2) for x in os.getloadavg()],
+        pyg_graph=args.pyg_graph,
     )
 
 
 def format_table(rows, header) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="most timed repetitions of our models and PyG DimeNet++ per workload and kind "
-                             "(default 5; fewer when --group-budget-s or --deadline-s is reached, at least 1)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed warm-up calls of those models per workload and kind (default 1; peak memory "
-                             "is measured on the last one)")
-    parser.add_argument("--group-budget-s", type=float, default=10.0,
-                        help="no further timed round of a (workload, kind) once its timed rounds took this long "
-                             "(default 10 s)")
-    parser.add_argument("--zbl-repeats", type=int, default=5,
-                        help="interleaved timed repetitions of our DimeNet and DimezblNet for the qm9 force training "
-                             "step, the ZBL overhead (default 7; those beyond the first are skipped past the "
-                             "deadline)")
-    parser.add_argument("--pyg-dimenet-repeats", type=int, default=1,
-                        help="timed repetitions of PyG DimeNet (default 1; it takes 10-30 s per energy / force "
-                             "training step on 2 cores)")
-    parser.add_argument("--pyg-dimenet-warmup", type=int, default=0,
-                        help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check has already run "
-                             "its forward and backward on the same batch; its peak memory is then profiled in the "
-                             "timed call, where the profiler costs well under 1%% of a 10-60 s step)")
-    parser.add_argument("--pyg-dimenet-md17-kinds", default="force_train_step",
-                        help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, or all or none "
-                             "(default force_train_step, what MD17 trains; more would exceed 10 minutes)")
-    parser.add_argument("--deadline-s", type=float, default=360.0,
-                        help="after this many seconds only the first timed repetition of each measurement is taken "
-                             "(default 360, so that the run ends within 10 minutes on this project's 2-core CPU)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="molecules per batch (default 32; 2 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 2 molecules per batch, no warm-up, 1 repetition (not a measurement)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="most timed repetitions of our models and PyG DimeNet++ per workload and kind "
+        "(default 5; fewer when --group-budget-s or --deadline-s is reached, at least 1)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed warm-up calls of those models per workload and kind (default 1; peak memory "
+        "is measured on the last one)",
+    )
+    parser.add_argument(
+        "--group-budget-s",
+        type=float,
+        default=10.0,
+        help="no further timed round of a (workload, kind) once its timed rounds took this long (default 10 s)",
+    )
+    parser.add_argument(
+        "--zbl-repeats",
+        type=int,
+        default=5,
+        help="interleaved timed repetitions of our DimeNet and DimezblNet for the qm9 force training "
+        "step, the ZBL overhead (default 7; those beyond the first are skipped past the "
+        "deadline)",
+    )
+    parser.add_argument(
+        "--pyg-dimenet-repeats",
+        type=int,
+        default=1,
+        help="timed repetitions of PyG DimeNet (default 1; it takes 10-30 s per energy / force "
+        "training step on 2 cores)",
+    )
+    parser.add_argument(
+        "--pyg-dimenet-warmup",
+        type=int,
+        default=0,
+        help="warm-up calls of PyG DimeNet per kind (default 0: the agreement check has already run "
+        "its forward and backward on the same batch; its peak memory is then profiled in the "
+        "timed call, where the profiler costs well under 1%% of a 10-60 s step)",
+    )
+    parser.add_argument(
+        "--pyg-dimenet-md17-kinds",
+        default="force_train_step",
+        help="kinds measured for PyG DimeNet on the md17 workload, comma-separated, or all or none "
+        "(default force_train_step, what MD17 trains; more would exceed 10 minutes)",
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=360.0,
+        help="after this many seconds only the first timed repetition of each measurement is taken "
+        "(default 360, so that the run ends within 10 minutes on this project's 2-core CPU)",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default 32; 2 with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: 2 molecules per batch, no warm-up, 1 repetition (not a measurement)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--pyg-graph", choices=("cached", "standin"), default="cached",
-                        help="PyG's radius_graph/triplets: stand-in results cached per batch (default; no graph "
-                             "cost in PyG's numbers) or the dense stand-ins run in every call")
-    parser.add_argument("--rtol-energy", type=float, default=AGREEMENT_RTOL_ENERGY,
-                        help="agreement of energies with PyG, relative to the largest |PyG energy| (default 1e-4)")
-    parser.add_argument("--rtol-forces", type=float, default=AGREEMENT_RTOL_FORCES,
-                        help="agreement of forces with PyG, relative to the largest |PyG force| (default 5e-4: "
-                             "PyG's own float32 forces are up to 1.3e-4 from its float64 ones)")
-    parser.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
-                        help="glibc malloc settings (default reuse: big blocks are kept and reused instead of being "
-                             "returned to the kernel after each call, for all models alike; see settle_allocator)")
-    parser.add_argument("--pp-repeats", type=int, default=5,
-                        help="interleaved timed repetitions of our DimeNet++ and PyG DimeNet++ in every (workload, "
-                             "kind) (default 5; those beyond --pp-min-rounds are skipped past the deadline)")
-    parser.add_argument("--pp-min-rounds", type=int, default=3,
-                        help="timed repetitions of our DimeNet++ and PyG DimeNet++ taken even past the deadline "
-                             "(default 3: the DimeNet++ ratios are the goal closest to its threshold)")
-    parser.add_argument("--compiled-kernels", choices=("on", "off"), default="on",
-                        help="our models with dimezbl_core's fused swish kernels (C, built at start-up; CompiledKernels), "
-                             "compiled before any timing (default on; off: the eager path, dimezbl_core's default)")
+    parser.add_argument(
+        "--pyg-graph",
+        choices=("cached", "standin"),
+        default="cached",
+        help="PyG's radius_graph/triplets: stand-in results cached per batch (default; no graph "
+        "cost in PyG's numbers) or the dense stand-ins run in every call",
+    )
+    parser.add_argument(
+        "--rtol-energy",
+        type=float,
+        default=AGREEMENT_RTOL_ENERGY,
+        help="agreement of energies with PyG, relative to the largest |PyG energy| (default 1e-4)",
+    )
+    parser.add_argument(
+        "--rtol-forces",
+        type=float,
+        default=AGREEMENT_RTOL_FORCES,
+        help="agreement of forces with PyG, relative to the largest |PyG force| (default 5e-4: "
+        "PyG's own float32 forces are up to 1.3e-4 from its float64 ones)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=("reuse", "default"),
+        default="reuse",
+        help="glibc malloc settings (default reuse: big blocks are kept and reused instead of being "
+        "returned to the kernel after each call, for all models alike; see settle_allocator)",
+    )
+    parser.add_argument(
+        "--pp-repeats",
+        type=int,
+        default=5,
+        help="interleaved timed repetitions of our DimeNet++ and PyG DimeNet++ in every (workload, "
+        "kind) (default 5; those beyond --pp-min-rounds are skipped past the deadline)",
+    )
+    parser.add_argument(
+        "--pp-min-rounds",
+        type=int,
+        default=3,
+        help="timed repetitions of our DimeNet++ and PyG DimeNet++ taken even past the deadline "
+        "(default 3: the DimeNet++ ratios are the goal closest to its threshold)",
+    )
+    parser.add_argument(
+        "--compiled-kernels",
+        choices=("on", "off"),
+        default="on",
+        help="our models with dimezbl_core's fused swish kernels (C, built at start-up; CompiledKernels), "
+        "compiled before any timing (default on; off: the eager path, dimezbl_core's default)",
+    )
     parser.add_argument("--json", default=None, help="write all numbers and their provenance to this file")
+    parser.add_argument(
+        "--history",
+        default=None,
+        help="append the headline ratios of this run as one row to this CSV (with --json), "
+        "e.g. results/benchmark/history.csv",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.zbl_repeats, args.pyg_dimenet_repeats, args.pyg_dimenet_warmup = 1, 0, 1, 1, 0
         args.pp_repeats = args.pp_min_rounds = 1
     args.batch_size = args.batch_size or (2 if args.quick else 32)
-    if min(args.repeats, args.pyg_dimenet_repeats, args.zbl_repeats, args.pp_repeats, args.pp_min_rounds,
-           args.batch_size) < 1:
-        parser.error("--repeats, --pyg-dimenet-repeats, --zbl-repeats, --pp-repeats, --pp-min-rounds and "
-                     "--batch-size must be at least 1")
+    if (
+        min(
+            args.repeats,
+            args.pyg_dimenet_repeats,
+            args.zbl_repeats,
+            args.pp_repeats,
+            args.pp_min_rounds,
+            args.batch_size,
+        )
+        < 1
+    ):
+        parser.error(
+            "--repeats, --pyg-dimenet-repeats, --zbl-repeats, --pp-repeats, --pp-min-rounds and "
+            "--batch-size must be at least 1"
+        )
     if min(args.warmup, args.pyg_dimenet_warmup) < 0:
         parser.error("warm-up counts must be at least 0")
     names = args.pyg_dimenet_md17_kinds.split(",")
@@ -607,6 +756,38 @@ def parse_args(argv):
         parser.error(f"unknown kinds {sorted(unknown)} in --pyg-dimenet-md17-kinds: use {', '.join(KINDS)}, all, none")
     args.pyg_md17_kinds = KINDS if "all" in names else tuple(k for k in KINDS if k in names)
     return args
+
+
+HISTORY_COLUMNS = ("date", "git_commit", "git_dirty", "cpu", "threads", "dtype")
+
+
+def history_row(output: dict) -> dict:
+    """One row of results/benchmark/history.csv: the run's date, commit and machine, each throughput ratio
+    (PyG time / our time, > 1: ours faster) and the ZBL overheads (DimezblNet time / our DimeNet time - 1)."""
+    provenance = output["provenance"]
+    row = {key: provenance.get(key) for key in HISTORY_COLUMNS}
+    row["git_commit"] = (row["git_commit"] or "")[:12]
+    row.update({f"ratio:{key}": round(value["throughput_ratio"], 4) for key, value in output["ratios"].items()})
+    row.update({f"zbl_overhead:{key}": round(value, 4) for key, value in output["zbl_overhead"].items()})
+    return row
+
+
+def append_history(path: str, output: dict) -> None:
+    """Append `history_row(output)` to the CSV at `path`, widening its columns where the run has new ones."""
+    import csv
+
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    rows.append({key: "" if value is None else value for key, value in history_row(output).items()})
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -624,31 +805,45 @@ def main(argv=None) -> int:
     info = provenance(args, device)
     info["allocator"] = allocator
     info["compiled_kernels"] = compile_kernels(args.compiled_kernels == "on", device)
-    log(f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
-        f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32")
-    log(f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
-        f"{info['dimezbl_core_sha256'][:12]}; load average {info['loadavg_at_start']} at start")
+    log(
+        f"DimeNet benchmark: {info['device_name']} ({info['cpu_count']} CPUs), {info['threads']} torch threads, "
+        f"torch {info['torch']}, torch_geometric {info['torch_geometric']}, float32"
+    )
+    log(
+        f"git {info['git_commit']}{' + uncommitted changes' if info['git_dirty'] else ''}, dimezbl_core.py sha256 "
+        f"{info['dimezbl_core_sha256'][:12]}; load average {info['loadavg_at_start']} at start"
+    )
 
     cache = patch_pyg(args.pyg_graph)
     entries = build_models(device)
     workloads = {"qm9": qm9_workload(batch_size).to(device), "md17": md17_workload(batch_size).to(device)}
     for w in workloads.values():
         s = w.stats
-        log(f"workload {w.name}: {w.description}; {s['atoms']} atoms, {s['edges']} edges, {s['triplets']} triplets "
+        log(
+            f"workload {w.name}: {w.description}; {s['atoms']} atoms, {s['edges']} edges, {s['triplets']} triplets "
             f"({s['atoms'] / s['molecules']:.1f} / {s['edges'] / s['molecules']:.0f} / "
-            f"{s['triplets'] / s['molecules']:.0f} per molecule)")
-    log(f"repetitions: our models and PyG DimeNet++ {args.warmup} warm-up + 1..{args.repeats} timed, interleaved "
+            f"{s['triplets'] / s['molecules']:.0f} per molecule)"
+        )
+    log(
+        f"repetitions: our models and PyG DimeNet++ {args.warmup} warm-up + 1..{args.repeats} timed, interleaved "
         f"(more while a group's timed rounds took < {args.group_budget_s:g} s and the run is < {args.deadline_s:g} s "
-        f"old), ZBL pair on qm9 force steps >= {args.zbl_repeats}, DimeNet++ pair {args.pp_min_rounds}..{args.pp_repeats} "
-        f"in every group; PyG DimeNet {args.pyg_dimenet_warmup} warm-up + "
-        f"{args.pyg_dimenet_repeats} timed, on md17 only {', '.join(args.pyg_md17_kinds) or 'nothing'}")
+        f"old), ZBL pair on qm9 force steps >= {args.zbl_repeats}, "
+        f"DimeNet++ pair {args.pp_min_rounds}..{args.pp_repeats} in every group; "
+        f"PyG DimeNet {args.pyg_dimenet_warmup} warm-up + {args.pyg_dimenet_repeats} timed, "
+        f"on md17 only {', '.join(args.pyg_md17_kinds) or 'nothing'}"
+    )
     log(f"allocator: {allocator}")
     log(f"our models' swish: {info['compiled_kernels']}")
-    log(f"PyG graph: {args.pyg_graph} stand-ins" + (" (computed once per batch, then no graph cost)"
-                                                     if args.pyg_graph == "cached" else " (run in every call)"))
-    memory_note = ("CUDA max_memory_allocated during the call minus allocated before" if device.type == "cuda" else
-                   "peak of bytes allocated by torch's CPU allocator during the call and not yet freed "
-                   "(torch.profiler memory records)")
+    log(
+        f"PyG graph: {args.pyg_graph} stand-ins"
+        + (" (computed once per batch, then no graph cost)" if args.pyg_graph == "cached" else " (run in every call)")
+    )
+    memory_note = (
+        "CUDA max_memory_allocated during the call minus allocated before"
+        if device.type == "cuda"
+        else "peak of bytes allocated by torch's CPU allocator during the call and not yet freed "
+        "(torch.profiler memory records)"
+    )
     log(f"peak memory: {memory_note}")
 
     log("agreement with PyG (energy and forces, float32):")
@@ -666,27 +861,37 @@ def main(argv=None) -> int:
             # DimezblNet only where its overhead is defined (force training step), our DimeNet on md17 only where
             # PyG DimeNet runs, to stay within 10 minutes
             pyg_dimenet_here = workload.name == "qm9" or kind in args.pyg_md17_kinds
-            fast = [entries[k] for k in ("ours_dimenet", "ours_dimezbl", "ours_dimenetpp", "pyg_dimenetpp")
-                    if (k != "ours_dimezbl" or kind == "force_train_step")
-                    and (k != "ours_dimenet" or pyg_dimenet_here or kind == "force_train_step")]
+            fast = [
+                entries[k]
+                for k in ("ours_dimenet", "ours_dimezbl", "ours_dimenetpp", "pyg_dimenetpp")
+                if (k != "ours_dimezbl" or kind == "force_train_step")
+                and (k != "ours_dimenet" or pyg_dimenet_here or kind == "force_train_step")
+            ]
             group = runner.group(fast, workload, kind, args.warmup, args.repeats, args.group_budget_s)
             if workload.name == "qm9" and kind == "force_train_step":
                 pair = [entries["ours_dimenet"], entries["ours_dimezbl"]]
                 missing = args.zbl_repeats - len(group["ours_dimenet"].times_s)
                 if missing > 0:
-                    log(f"  ZBL overhead: up to {missing} more interleaved rounds of our DimeNet and DimezblNet "
-                        f"(none past the deadline)")
+                    log(
+                        f"  ZBL overhead: up to {missing} more interleaved rounds of our DimeNet and DimezblNet "
+                        f"(none past the deadline)"
+                    )
                     runner.group(pair, workload, kind, 0, missing, into=group, forced=0)
             pair = [entries["ours_dimenetpp"], entries["pyg_dimenetpp"]]
             have = len(group["ours_dimenetpp"].times_s)
             if args.pp_repeats > have:
                 forced = max(args.pp_min_rounds - have, 0)
-                log(f"  DimeNet++: up to {args.pp_repeats - have} more interleaved rounds of ours and PyG's "
-                    f"({forced} even past the deadline)")
+                log(
+                    f"  DimeNet++: up to {args.pp_repeats - have} more interleaved rounds of ours and PyG's "
+                    f"({forced} even past the deadline)"
+                )
                 runner.group(pair, workload, kind, 0, args.pp_repeats - have, into=group, forced=forced)
             if pyg_dimenet_here:
-                group.update(runner.group([entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup,
-                                          args.pyg_dimenet_repeats))
+                group.update(
+                    runner.group(
+                        [entries["pyg_dimenet"]], workload, kind, args.pyg_dimenet_warmup, args.pyg_dimenet_repeats
+                    )
+                )
             groups[(workload.name, kind)] = group
     wall_s = time.perf_counter() - wall_start
     measurements = [m for group in groups.values() for m in group.values()]
@@ -713,9 +918,18 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
     batch_size = args.batch_size
     print()
     print(f"Throughput (molecules/s, batch of {batch_size}, median) and peak memory (MB allocated during the call)")
-    rows = [[m.workload, m.kind, entries[m.model].label, f"{m.median_s:.3f}", f"{batch_size / m.median_s:.2f}",
-             "n/a" if m.peak_mb is None else f"{m.peak_mb:.0f}", f"{m.warmup}+{len(m.times_s)}"]
-            for m in measurements]
+    rows = [
+        [
+            m.workload,
+            m.kind,
+            entries[m.model].label,
+            f"{m.median_s:.3f}",
+            f"{batch_size / m.median_s:.2f}",
+            "n/a" if m.peak_mb is None else f"{m.peak_mb:.0f}",
+            f"{m.warmup}+{len(m.times_s)}",
+        ]
+        for m in measurements
+    ]
     print(format_table(rows, ["workload", "kind", "model", "median s", "mol/s", "peak MB", "warm-up+timed"]))
 
     print()
@@ -730,16 +944,29 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
             ratio = b.median_s / a.median_s
             paired = paired_ratio(a.times_s, b.times_s) if pyg in INTERLEAVED_WITH_OURS else None
             memory = a.peak_bytes / b.peak_bytes if a.peak_bytes and b.peak_bytes else None
-            ratios[f"{ours}/{workload}/{kind}"] = dict(throughput_ratio=ratio, memory_ratio=memory,
-                                                       paired_throughput_ratio=paired)
-            rows.append([workload, kind, entries[ours].label, f"{ratio:.2f}x",
-                         "n/a" if paired is None else f"{paired:.2f}x ({min(len(a.times_s), len(b.times_s))})",
-                         "n/a" if memory is None else f"{memory:.2f}",
-                         "n/a" if memory is None else ("not above PyG" if memory <= 1 else "ABOVE PyG")])
-    print(format_table(rows, ["workload", "kind", "model", "throughput ratio", "paired ratio (rounds)",
-                              "memory ratio", "memory"]))
-    print("paired ratio: median over the interleaved rounds of PyG time / our time in the same round (DimeNet++ "
-          "only; PyG DimeNet gets one call, not interleaved): a load change hits both calls of a round alike")
+            ratios[f"{ours}/{workload}/{kind}"] = dict(
+                throughput_ratio=ratio, memory_ratio=memory, paired_throughput_ratio=paired
+            )
+            rows.append(
+                [
+                    workload,
+                    kind,
+                    entries[ours].label,
+                    f"{ratio:.2f}x",
+                    "n/a" if paired is None else f"{paired:.2f}x ({min(len(a.times_s), len(b.times_s))})",
+                    "n/a" if memory is None else f"{memory:.2f}",
+                    "n/a" if memory is None else ("not above PyG" if memory <= 1 else "ABOVE PyG"),
+                ]
+            )
+    print(
+        format_table(
+            rows, ["workload", "kind", "model", "throughput ratio", "paired ratio (rounds)", "memory ratio", "memory"]
+        )
+    )
+    print(
+        "paired ratio: median over the interleaved rounds of PyG time / our time in the same round (DimeNet++ "
+        "only; PyG DimeNet gets one call, not interleaved): a load change hits both calls of a round alike"
+    )
 
     print()
     print("ZBL overhead = DimezblNet time / our DimeNet time - 1: median of the ratios of interleaved (paired) calls")
@@ -750,41 +977,72 @@ def report(args, info, device, entries, workloads, groups, measurements, cache, 
         plain, with_zbl = group["ours_dimenet"], group["ours_dimezbl"]
         zbl_overhead[f"{workload}/{kind}"] = paired_ratio(plain.times_s, with_zbl.times_s) - 1
         pairs = min(len(plain.times_s), len(with_zbl.times_s))
-        rows.append([workload, kind, f"{plain.median_s:.3f}", f"{with_zbl.median_s:.3f}", pairs,
-                     f"{100 * zbl_overhead[f'{workload}/{kind}']:+.1f} %"])
+        rows.append(
+            [
+                workload,
+                kind,
+                f"{plain.median_s:.3f}",
+                f"{with_zbl.median_s:.3f}",
+                pairs,
+                f"{100 * zbl_overhead[f'{workload}/{kind}']:+.1f} %",
+            ]
+        )
     print(format_table(rows, ["workload", "kind", "DimeNet s", "DimezblNet s", "pairs", "overhead"]))
 
     loadavg_end = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(f"wall time {wall_s:.0f} s; load average (1, 5, 15 min) {info['loadavg_at_start']} at start, "
-          f"{loadavg_end} at end on {info['cpu_count']} CPUs (a load above the thread count means other processes "
-          f"competed)")
+    print(
+        f"wall time {wall_s:.0f} s; load average (1, 5, 15 min) {info['loadavg_at_start']} at start, "
+        f"{loadavg_end} at end on {info['cpu_count']} CPUs (a load above the thread count means other processes "
+        f"competed)"
+    )
     if runner.past_deadline():
-        print(f"the deadline ({args.deadline_s:g} s) was reached: later measurements got a single timed repetition "
-              f"({args.pp_min_rounds} for our DimeNet++ and PyG's)")
+        print(
+            f"the deadline ({args.deadline_s:g} s) was reached: later measurements got a single timed repetition "
+            f"({args.pp_min_rounds} for our DimeNet++ and PyG's)"
+        )
     if cache is not None:
         print(f"PyG graph cache: {cache.misses} stand-in computations, {cache.hits} cached results served")
     if args.json:
-        provenance_record = dict(info, loadavg_at_end=loadavg_end, wall_s=wall_s, batch_size=batch_size,
-                                 repeats=args.repeats, warmup=args.warmup, group_budget_s=args.group_budget_s,
-                                 deadline_s=args.deadline_s, zbl_repeats=args.zbl_repeats,
-                                 pp_repeats=args.pp_repeats, pp_min_rounds=args.pp_min_rounds,
-                                 pyg_dimenet_repeats=args.pyg_dimenet_repeats,
-                                 pyg_dimenet_warmup=args.pyg_dimenet_warmup,
-                                 pyg_dimenet_md17_kinds=list(args.pyg_md17_kinds),
-                                 memory_measure="cuda max_memory_allocated" if device.type == "cuda" else
-                                 "torch.profiler profile_memory: peak of bytes allocated during the call")
-        output = dict(provenance=provenance_record,
-                      workloads={w.name: dict(description=w.description, **w.stats) for w in workloads.values()},
-                      agreement=agreement, measurements=[m.as_dict(batch_size) for m in measurements], ratios=ratios,
-                      zbl_overhead=zbl_overhead)
+        provenance_record = dict(
+            info,
+            loadavg_at_end=loadavg_end,
+            wall_s=wall_s,
+            batch_size=batch_size,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            group_budget_s=args.group_budget_s,
+            deadline_s=args.deadline_s,
+            zbl_repeats=args.zbl_repeats,
+            pp_repeats=args.pp_repeats,
+            pp_min_rounds=args.pp_min_rounds,
+            pyg_dimenet_repeats=args.pyg_dimenet_repeats,
+            pyg_dimenet_warmup=args.pyg_dimenet_warmup,
+            pyg_dimenet_md17_kinds=list(args.pyg_md17_kinds),
+            memory_measure="cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "torch.profiler profile_memory: peak of bytes allocated during the call",
+        )
+        output = dict(
+            provenance=provenance_record,
+            workloads={w.name: dict(description=w.description, **w.stats) for w in workloads.values()},
+            agreement=agreement,
+            measurements=[m.as_dict(batch_size) for m in measurements],
+            ratios=ratios,
+            zbl_overhead=zbl_overhead,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
             json.dump(output, out, indent=1)
         print(f"numbers and provenance written to {args.json}")
-    print(f"ratio_force_train_step={ratios['ours_dimenet/qm9/force_train_step']['throughput_ratio']:.3f} "
-          f"ratio_energy_train_step={ratios['ours_dimenet/qm9/energy_train_step']['throughput_ratio']:.3f} "
-          f"zbl_overhead={zbl_overhead['qm9/force_train_step']:.4f}")
+        if args.history:
+            append_history(args.history, output)
+            print(f"headline ratios appended to {args.history}")
+    print(
+        f"ratio_force_train_step={ratios['ours_dimenet/qm9/force_train_step']['throughput_ratio']:.3f} "
+        f"ratio_energy_train_step={ratios['ours_dimenet/qm9/energy_train_step']['throughput_ratio']:.3f} "
+        f"zbl_overhead={zbl_overhead['qm9/force_train_step']:.4f}"
+    )
     return 0
 
 

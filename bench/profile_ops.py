@@ -1,4 +1,4 @@
-"""Where a training step's time goes, op by op, for our models and PyG's side by side (issue 6).
+"""Where a training step's time goes, op by op, for our models and PyG's side by side.
 
 torch.profiler's self times misattribute the cost of small operations inside a double backward (it put the
 [T, 8] x [8, 42] SBF gradient product at 27 ms where it takes 1.6 ms), so this script times every aten call
@@ -10,12 +10,13 @@ For each model: the median over ``--repeat`` timed steps (after one warm-up) of 
 summed op time, then the op groups (aten op name and the shape of its first tensor argument, bucketed by which
 of the batch's sizes N atoms / E edges / T triplets its leading dimension is) with the most time.
 
-Run: .venv/bin/python bench/profile_ops.py [--models ours_dimenetpp pyg_dimenetpp] [--kind force_train_step]
+Run: .venv/bin/python -m bench.profile_ops [--models ours_dimenetpp pyg_dimenetpp] [--kind force_train_step]
      [--workload qm9] [--repeat 3] [--top 30] [--out results/benchmark/profile_<workload>_<kind>.txt]
 Pause other jobs on the machine while it runs; the numbers are per step of a batch of 32 molecules.
 Our models run their eager path here: the fused C kernels (dimezbl_core.CompiledKernels) do not run
 under a dispatch mode, so the op timer cannot see them; bench_dimenet.py times them.
 """
+
 import argparse
 import collections
 import os
@@ -25,7 +26,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import bench_dimenet as bench
+from bench import bench_dimenet as bench
 
 
 class OpTimer(TorchDispatchMode):
@@ -86,8 +87,11 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", help="also write the output, under a provenance header (command, commit, date, "
-                                      "machine, load), to this text file")
+    parser.add_argument(
+        "--out",
+        help="also write the output, under a provenance header (command, commit, date, "
+        "machine, load), to this text file",
+    )
     args = parser.parse_args(argv)
     emit = Output()
     emit(bench.settle_allocator("reuse"))
@@ -118,9 +122,11 @@ def main(argv=None):
         calls = timers[0].calls
         n = len(timers)
         op_sum = statistics.median(sum(t.seconds.values()) for t in timers)
-        emit(f"\n== {entries[key].label}: step {statistics.median(w[0] for w in walls) * 1e3:.0f} ms "
-              f"(under the timer {statistics.median(w[1] for w in walls) * 1e3:.0f} ms, op sum "
-              f"{op_sum * 1e3:.0f} ms, {sum(calls.values())} aten calls)")
+        emit(
+            f"\n== {entries[key].label}: step {statistics.median(w[0] for w in walls) * 1e3:.0f} ms "
+            f"(under the timer {statistics.median(w[1] for w in walls) * 1e3:.0f} ms, op sum "
+            f"{op_sum * 1e3:.0f} ms, {sum(calls.values())} aten calls)"
+        )
         by_op = collections.Counter()
         for (op, _), seconds in total.items():
             by_op[op] += seconds / n
@@ -129,13 +135,18 @@ def main(argv=None):
         for (op, shape), seconds in total.most_common(args.top):
             emit(f"   {seconds / n * 1e3:7.1f} {calls[(op, shape)]:6d}  {op} {shape}")
     if args.out:
-        write_output(args.out, emit.lines, bench.provenance(argparse.Namespace(pyg_graph="cached"), torch.device("cpu")))
+        write_output(
+            args.out, emit.lines, bench.provenance(argparse.Namespace(pyg_graph="cached"), torch.device("cpu"))
+        )
 
 
 def write_output(path, lines, info) -> None:
     """The printed lines under a '# key: value' provenance header, written to a temporary name and renamed."""
-    info = dict(info, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
-                note="times per step in ms: medians of the timed steps after 1 warm-up")
+    info = dict(
+        info,
+        loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
+        note="times per step in ms: medians of the timed steps after 1 warm-up",
+    )
     header = [f"# {key}: {value}" for key, value in info.items()]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"

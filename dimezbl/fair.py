@@ -1,9 +1,9 @@
 """The fair test of the paper's claim: DimeNet against three ZBL recipes, matched start, converging schedule.
 
 Every model of a cell trains on the same data and split with the same per-element offset method, DimeNet's
-warm-up and exponential decay compressed to the run (the `fair` and `fair_long` profiles of dimezbl_core), and
+warm-up and exponential decay compressed to the run (the `fair` and `fair_long` profiles of dimezbl.config), and
 four seeds. The statistics compare each recipe with DimeNet seed by seed (`paired_change`). docs/fair.md
-describes the experiment; `python -m dimezbl.fair train` trains (resumable), `python -m dimezbl.fair report`
+describes the experiment; `dimezbl fair train` trains (resumable), `dimezbl fair report`
 writes results/fair/tables and results/fair/figures from the finished runs without training.
 """
 
@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-import dimezbl_core as dc
+from . import config, figures, files, runner, shortrange, tables
 
-FAIR_RESULTS_DIR = "results/fair"  # relative to the repository root (dc.results_path)
+FAIR_RESULTS_DIR = "results/fair"  # relative to the repository root (files.results_path)
 FAIR_NOTEBOOK = "06_fair.ipynb"  # shows the tables and figures; not part of `make reproduce` (it trains nothing)
 FAIR_MODELS = ("dimenet", "dimezblnet", "dimezblnet_switched", "dimezblnet_interpolated")
 RECIPE_LABELS = {
@@ -46,7 +46,7 @@ class Cell:
 
     @property
     def max_steps(self) -> int:
-        return int(dc.PROFILES[self.profile]["max_steps"])
+        return int(config.PROFILES[self.profile]["max_steps"])
 
     @property
     def quantities(self) -> tuple:
@@ -67,37 +67,58 @@ FAIR_CELLS = (
 )
 
 
-def train_fair(cells: Sequence[Cell] = FAIR_CELLS, seeds: Optional[Sequence[int]] = None,
-               models: Sequence[str] = FAIR_MODELS, results_dir=FAIR_RESULTS_DIR, progress: bool = True,
-               **overrides) -> pd.DataFrame:
+def train_fair(
+    cells: Sequence[Cell] = FAIR_CELLS,
+    seeds: Optional[Sequence[int]] = None,
+    models: Sequence[str] = FAIR_MODELS,
+    results_dir=FAIR_RESULTS_DIR,
+    progress: bool = True,
+    **overrides,
+) -> pd.DataFrame:
     """Train (or resume, or reuse) every run of `cells`, seed by seed with all models of a seed together;
-    returns the finished runs (`dc.collect_runs` rows of both profiles). overrides: TrainConfig fields."""
+    returns the finished runs (`runner.collect_runs` rows of both profiles). overrides: TrainConfig fields."""
     for cell in cells:
-        cell_seeds = list(dc.profile_seeds(cell.profile) if seeds is None else seeds)
+        cell_seeds = list(runner.profile_seeds(cell.profile) if seeds is None else seeds)
         for k, seed in enumerate(cell_seeds):
             # ONE_SEED_MODELS: one seed checks that they equal DimeNet on these data; more would repeat it
             cell_models = [m for m in models if k == 0 or m not in ONE_SEED_MODELS]
-            dc.run_models(cell.profile, cell.dataset, [cell.target], seeds=[seed], models=cell_models,
-                          results_dir=results_dir, progress=progress, reuse_committed=True, **overrides)
+            runner.run_models(
+                cell.profile,
+                cell.dataset,
+                [cell.target],
+                seeds=[seed],
+                models=cell_models,
+                results_dir=results_dir,
+                progress=progress,
+                reuse_committed=True,
+                **overrides,
+            )
     return fair_runs(results_dir)
 
 
 def fair_runs(results_dir=FAIR_RESULTS_DIR) -> pd.DataFrame:
     """Every finished run of the fair profiles, with the data sha256, offset method and last learning rate
     its files record (columns data_sha256, offset_method, final_learning_rate, profile)."""
-    frames = [dc.collect_runs(profile, results_dir=results_dir) for profile in ("fair", "fair_long")]
-    runs = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(
-        not f.empty for f in frames) else pd.DataFrame(columns=list(dc.RUN_COLUMNS))
+    frames = [runner.collect_runs(profile, results_dir=results_dir) for profile in ("fair", "fair_long")]
+    runs = (
+        pd.concat([f for f in frames if not f.empty], ignore_index=True)
+        if any(not f.empty for f in frames)
+        else pd.DataFrame(columns=list(runner.RUN_COLUMNS))
+    )
     extra = []
     for run_dir in runs["run_dir"]:
-        path = dc.results_path(results_dir, run_dir)
-        fix = dc._retrain_hint(path)
-        metrics = dc._read_run_file(path / "metrics.json", fix)
+        path = files.results_path(results_dir, run_dir)
+        fix = runner._retrain_hint(path)
+        metrics = runner._read_run_file(path / "metrics.json", fix)
         provenance_path = path / "provenance.json"
-        provenance = dc._read_run_file(provenance_path, fix) if provenance_path.exists() else {}
-        extra.append({"data_sha256": provenance.get("data", {}).get("content_sha256"),
-                      "offset_method": metrics.get("offset_method"),
-                      "final_learning_rate": metrics.get("final_learning_rate")})
+        provenance = runner._read_run_file(provenance_path, fix) if provenance_path.exists() else {}
+        extra.append(
+            {
+                "data_sha256": provenance.get("data", {}).get("content_sha256"),
+                "offset_method": metrics.get("offset_method"),
+                "final_learning_rate": metrics.get("final_learning_rate"),
+            }
+        )
     return pd.concat([runs, pd.DataFrame(extra, index=runs.index)], axis=1)
 
 
@@ -119,18 +140,23 @@ def paired_change(baseline: Sequence[float], model: Sequence[float], confidence:
 
     baseline, model = np.asarray(baseline, dtype=float), np.asarray(model, dtype=float)
     if baseline.shape != model.shape or baseline.ndim != 1 or baseline.size == 0:
-        raise ValueError(f"paired_change needs two equally long, non-empty sequences, got {baseline.shape} "
-                         f"and {model.shape}")
+        raise ValueError(
+            f"paired_change needs two equally long, non-empty sequences, got {baseline.shape} and {model.shape}"
+        )
     if (baseline <= 0).any() or (model <= 0).any():
         raise ValueError("errors must be positive for log-ratios")
     d = np.log(model / baseline)
     n, mean = d.size, float(d.mean())
-    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1
-            else math.nan)
-    return {"pairs": n, "identical": bool((model == baseline).all()), "change_pct": _percent(mean),
-            "low_pct": _percent(mean - half),
-            "high_pct": _percent(mean + half), "resolution_pct": _percent(half),
-            "ratio_of_means_pct": 100.0 * (model.mean() / baseline.mean() - 1.0)}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {
+        "pairs": n,
+        "identical": bool((model == baseline).all()),
+        "change_pct": _percent(mean),
+        "low_pct": _percent(mean - half),
+        "high_pct": _percent(mean + half),
+        "resolution_pct": _percent(half),
+        "ratio_of_means_pct": 100.0 * (model.mean() / baseline.mean() - 1.0),
+    }
 
 
 def verdict(change: dict) -> str:
@@ -153,7 +179,7 @@ def resolves_claim(change: dict) -> bool:
 
 def _paper_change(cell: Cell, quantity: str) -> float:
     table, row = (1, cell.target) if cell.dataset == "qm9" else (2, (cell.target, quantity))
-    dimenet, dimezblnet = dc.paper_value(table, row, "DimeNet"), dc.paper_value(table, row, "DimezblNet")
+    dimenet, dimezblnet = tables.paper_value(table, row, "DimeNet"), tables.paper_value(table, row, "DimezblNet")
     return math.nan if dimenet is None or dimezblnet is None else 100.0 * (dimezblnet / dimenet - 1.0)
 
 
@@ -164,8 +190,9 @@ def fair_summary(runs: pd.DataFrame, cells: Sequence[Cell] = FAIR_CELLS) -> pd.D
     sha256) is not compared (verdict "data differ")."""
     rows = []
     for cell in cells:
-        selected = runs[(runs["profile"] == cell.profile) & (runs["dataset"] == cell.dataset)
-                        & (runs["target"] == cell.target)]
+        selected = runs[
+            (runs["profile"] == cell.profile) & (runs["dataset"] == cell.dataset) & (runs["target"] == cell.target)
+        ]
         if selected.empty:
             continue
         same_data = selected["data_sha256"].nunique(dropna=False) == 1
@@ -223,8 +250,11 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"Commits: {', '.join(commits) or '-'}. Hardware: "
         f"{'; '.join(sorted(runs['hardware'].dropna().unique())) or '-'}.",
         f"Offset methods: {'; '.join(sorted(runs['offset_method'].dropna().unique())) or '-'}. Final learning rates: "
-        + (f"{runs['final_learning_rate'].min():.3g} to {runs['final_learning_rate'].max():.3g}."
-           if runs["final_learning_rate"].notna().any() else "-."),
+        + (
+            f"{runs['final_learning_rate'].min():.3g} to {runs['final_learning_rate'].max():.3g}."
+            if runs["final_learning_rate"].notna().any()
+            else "-."
+        ),
         "Change: mean over seeds of ln(recipe MAE / DimeNet MAE) of the same seed, as percent, with its 95%"
         " t-interval; ratio of means: mean recipe MAE / mean DimeNet MAE - 1; resolution: the interval's"
         " half-width, the smallest change the cell can tell from none. The paper's change is its own"
@@ -241,9 +271,12 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
             f"{_mean_std(row['model_mean'], row['model_std'])} | "
             f"{_change_text(row)} | "
             + ("-" if math.isnan(row["ratio_of_means_pct"]) else f"{row['ratio_of_means_pct']:+.1f}%")
-            + " | " + ("-" if math.isnan(row["resolution_pct"]) else f"±{row['resolution_pct']:.1f}%")
+            + " | "
+            + ("-" if math.isnan(row["resolution_pct"]) else f"±{row['resolution_pct']:.1f}%")
             + f" | {row['verdict']} | {'yes' if row['resolves_paper_claim'] else 'no'} | "
-            + ("-" if math.isnan(row["paper_change_pct"]) else f"{row['paper_change_pct']:+.1f}%") + " |")
+            + ("-" if math.isnan(row["paper_change_pct"]) else f"{row['paper_change_pct']:+.1f}%")
+            + " |"
+        )
     for cell in FAIR_CELLS:
         shas = runs[(runs["profile"] == cell.profile) & (runs["target"] == cell.target)]["data_sha256"].dropna()
         if not shas.empty:
@@ -254,16 +287,25 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
 def headline_markdown(summary: pd.DataFrame) -> str:
     """tables/headline.md (shown in the README): one row per cell and quantity, DimeNet's test MAE and each
     recipe's paired change against it."""
-    lines = ["| cell | quantity | DimeNet MAE (seeds) | " + " | ".join(RECIPE_LABELS[m] for m in FAIR_MODELS[1:])
-             + " | paper's change |", "|---|---|---|" + "---|" * len(FAIR_MODELS)]
+    lines = [
+        "| cell | quantity | DimeNet MAE (seeds) | "
+        + " | ".join(RECIPE_LABELS[m] for m in FAIR_MODELS[1:])
+        + " | paper's change |",
+        "|---|---|---|" + "---|" * len(FAIR_MODELS),
+    ]
     for (cell, quantity), rows in summary.groupby(["cell", "quantity"], sort=False):
         rows = rows.set_index("model")
         literal = rows.loc["dimezblnet"] if "dimezblnet" in rows.index else rows.iloc[0]
         cells = [_change_text(rows.loc[m]) if m in rows.index else "-" for m in FAIR_MODELS[1:]]
         paper = literal["paper_change_pct"]
-        lines.append(f"| {cell} | {quantity} ({literal['unit']}) | "
-                     f"{_mean_std(literal['dimenet_mean'], literal['dimenet_std'])} ({literal['seeds']}) | "
-                     + " | ".join(cells) + " | " + ("-" if math.isnan(paper) else f"{paper:+.1f}%") + " |")
+        lines.append(
+            f"| {cell} | {quantity} ({literal['unit']}) | "
+            f"{_mean_std(literal['dimenet_mean'], literal['dimenet_std'])} ({literal['seeds']}) | "
+            + " | ".join(cells)
+            + " | "
+            + ("-" if math.isnan(paper) else f"{paper:+.1f}%")
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -271,10 +313,10 @@ def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name
     """Forest plot: each recipe's paired change against DimeNet per cell and quantity, 95% intervals, with the
     paper's claimed band shaded. PNG in <results_dir>/figures/."""
     rows = summary[["cell", "quantity"]].drop_duplicates().shape[0]
-    fig, axes = dc._figure(width=7.0, height=0.45 * max(4, rows * 3))
+    fig, axes = figures._figure(width=7.0, height=0.45 * max(4, rows * 3))
     ax = axes[0, 0]
     keys = list(dict.fromkeys(zip(summary["cell"], summary["quantity"])))
-    colors = dc.MODEL_COLORS
+    colors = figures.MODEL_COLORS
     for k, (cell, quantity) in enumerate(keys):
         for m, model in enumerate(FAIR_MODELS[1:]):
             row = summary[(summary["cell"] == cell) & (summary["quantity"] == quantity) & (summary["model"] == model)]
@@ -282,58 +324,73 @@ def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name
                 continue
             row = row.iloc[0]
             y = -(k * 4 + m)
-            ax.errorbar(row["change_pct"], y, xerr=[[row["change_pct"] - row["low_pct"]],
-                                                    [row["high_pct"] - row["change_pct"]]],
-                        fmt="o", color=colors[model], label=RECIPE_LABELS[model] if k == 0 else None, capsize=3)
+            ax.errorbar(
+                row["change_pct"],
+                y,
+                xerr=[[row["change_pct"] - row["low_pct"]], [row["high_pct"] - row["change_pct"]]],
+                fmt="o",
+                color=colors[model],
+                label=RECIPE_LABELS[model] if k == 0 else None,
+                capsize=3,
+            )
     ax.axvspan(*PAPER_CLAIM_PERCENT, color="tab:blue", alpha=0.15, label="paper's claim (-5.3 to -3.6%)")
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xscale("symlog", linthresh=10.0)
     ax.set_yticks([-(k * 4 + 1) for k in range(len(keys))], [f"{c}\n{q}" for c, q in keys], fontsize=7)
     ax.set_xlabel("test MAE change against DimeNet, % (paired over seeds, 95% CI)")
     ax.legend(fontsize=7, loc="lower right")
-    return dc.save_figure(fig, name, results_dir)
+    return figures.save_figure(fig, name, results_dir)
 
 
-def plot_convergence(runs: pd.DataFrame, target: str = "ethanol", results_dir=FAIR_RESULTS_DIR,
-                     name: str = "fair_ethanol_convergence"):
+def plot_convergence(
+    runs: pd.DataFrame, target: str = "ethanol", results_dir=FAIR_RESULTS_DIR, name: str = "fair_ethanol_convergence"
+):
     """Validation force MAE (mean over seeds) against step for each model at 2,000 and 8,000 steps."""
-    fig, axes = dc._figure(width=6.0, height=4.0)
+    fig, axes = figures._figure(width=6.0, height=4.0)
     ax = axes[0, 0]
-    colors = dc.MODEL_COLORS
+    colors = figures.MODEL_COLORS
     for profile, style in (("fair", "--"), ("fair_long", "-")):
         for model in FAIR_MODELS:
             selected = runs[(runs["profile"] == profile) & (runs["target"] == target) & (runs["model"] == model)]
-            curves = [pd.read_csv(dc.results_path(results_dir, d, "learning_curve.csv")).set_index("step")
-                      for d in selected["run_dir"]]
+            curves = [
+                pd.read_csv(files.results_path(results_dir, d, "learning_curve.csv")).set_index("step")
+                for d in selected["run_dir"]
+            ]
             if not curves:
                 continue
             mean = pd.concat([c["valid_forces_mae"] for c in curves], axis=1).mean(axis=1)
-            steps = int(dc.PROFILES[profile]["max_steps"])
-            ax.plot(mean.index, mean.values, style, color=colors[model],
-                    label=f"{RECIPE_LABELS[model]}, {steps:,} steps ({len(curves)} seeds)")
+            steps = int(config.PROFILES[profile]["max_steps"])
+            ax.plot(
+                mean.index,
+                mean.values,
+                style,
+                color=colors[model],
+                label=f"{RECIPE_LABELS[model]}, {steps:,} steps ({len(curves)} seeds)",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"validation force MAE, {target} (kcal/mol/A)")
     ax.legend(fontsize=6)
-    return dc.save_figure(fig, name, results_dir)
+    return figures.save_figure(fig, name, results_dir)
 
 
 def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
     """Write tables/summary.md, tables/summary.csv, tables/runs.csv and the figures from the finished runs
     (no training); returns the paths written."""
-    results_dir = dc.results_path(results_dir)
+    results_dir = files.results_path(results_dir)
     runs = fair_runs(results_dir)
     if runs.empty:
-        raise FileNotFoundError(f"no finished fair runs under {results_dir}/runs: train them first "
-                                "(python -m dimezbl.fair train)")
+        raise FileNotFoundError(
+            f"no finished fair runs under {results_dir}/runs: train them first (dimezbl fair train)"
+        )
     summary = fair_summary(runs)
-    tables = results_dir / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
-    paths = [tables / "summary.md", tables / "summary.csv", tables / "runs.csv", tables / "headline.md"]
-    dc._atomic_write_bytes(paths[0], summary_markdown(summary, runs).encode())
-    dc._atomic_write_bytes(paths[3], headline_markdown(summary).encode())
-    dc._atomic_write_bytes(paths[1], summary.to_csv(index=False).encode())
-    dc._atomic_write_bytes(paths[2], runs.to_csv(index=False).encode())
+    table_dir = results_dir / "tables"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    paths = [table_dir / name for name in ("summary.md", "summary.csv", "runs.csv", "headline.md")]
+    files.atomic_write_bytes(paths[0], summary_markdown(summary, runs).encode())
+    files.atomic_write_bytes(paths[3], headline_markdown(summary).encode())
+    files.atomic_write_bytes(paths[1], summary.to_csv(index=False).encode())
+    files.atomic_write_bytes(paths[2], runs.to_csv(index=False).encode())
     if not summary.empty:
         plot_paired_change(summary, results_dir)
         paths.append(results_dir / "figures" / "fair_paired_change.png")
@@ -345,56 +402,78 @@ def write_fair_report(results_dir=FAIR_RESULTS_DIR) -> list:
 
 # --- short range -----------------------------------------------------------------------------------------
 
-FAIR_SHORTRANGE_BUDGET = dict(n_steps=2000, seeds=(0, 1, 2), compression_step_a=0.025,
-                              temperatures_k=(1000.0, 1500.0))  # 1 ps per trajectory at 0.5 fs
+FAIR_SHORTRANGE_BUDGET = dict(
+    n_steps=2000, seeds=(0, 1, 2), compression_step_a=0.025, temperatures_k=(1000.0, 1500.0)
+)  # 1 ps per trajectory at 0.5 fs
 
 
 def fair_shortrange_checkpoints(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0) -> pd.DataFrame:
     """The best checkpoints of every fair model of `molecule` (2,000-step cell, training seed `seed`) as the
-    table `dc.shortrange_experiment` takes. Checkpoints are not committed: they exist where the runs trained."""
+    table `shortrange.shortrange_experiment` takes. Checkpoints are not committed: they exist where the runs trained."""
     runs = fair_runs(results_dir)
     runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17")]
     rows = []
     for model in FAIR_MODELS:
-        path = dc.checkpoint_path(runs, molecule, model, seed, results_dir)
+        path = runner.checkpoint_path(runs, molecule, model, seed, results_dir)
         row = runs[(runs["target"] == molecule) & (runs["model"] == model) & (runs["seed"] == seed)].iloc[0]
-        rows.append({"molecule": molecule, "model": model, "seed": seed, "checkpoint": str(path),
-                     "run_dir": row["run_dir"], "profile": "fair", "git_commit": row["git_commit"]})
+        rows.append(
+            {
+                "molecule": molecule,
+                "model": model,
+                "seed": seed,
+                "checkpoint": str(path),
+                "run_dir": row["run_dir"],
+                "profile": "fair",
+                "git_commit": row["git_commit"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def fair_shortrange(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0, progress: bool = True,
-                    **budget) -> dict:
+def fair_shortrange(
+    results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0, progress: bool = True, **budget
+) -> dict:
     """Bond compression against GFN2-xTB and MD stability (Langevin and NVE at 1000 and 1500 K, several MD
-    seeds) of DimeNet and each ZBL recipe (`fair_shortrange_checkpoints`), with `dc.shortrange_experiment`:
+    seeds) of DimeNet and each ZBL recipe (`fair_shortrange_checkpoints`), with `shortrange.shortrange_experiment`:
     tables in <results_dir>/shortrange/, figures in <results_dir>/figures/. budget overrides
     FAIR_SHORTRANGE_BUDGET (and takes shortrange_experiment's other keywords, e.g. reference=False)."""
     budget = {**FAIR_SHORTRANGE_BUDGET, **budget}
     checkpoints = fair_shortrange_checkpoints(results_dir, molecule, seed)
-    return dc.shortrange_experiment("cpu", [molecule], checkpoints=checkpoints,
-                                    results_dir=dc.results_path(results_dir), progress=progress, **budget)
+    return shortrange.shortrange_experiment(
+        "cpu",
+        [molecule],
+        checkpoints=checkpoints,
+        results_dir=files.results_path(results_dir),
+        progress=progress,
+        **budget,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dimezbl.fair", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dimezbl fair", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train every fair run (resumable; finished runs are reused)")
-    train.add_argument("--cells", nargs="+", default=None,
-                       help="cells as dataset/target/profile, e.g. md17/ethanol/fair (default: all)")
+    train.add_argument(
+        "--cells",
+        nargs="+",
+        default=None,
+        help="cells as dataset/target/profile, e.g. md17/ethanol/fair (default: all)",
+    )
     train.add_argument("--seeds", nargs="+", type=int, default=None)
     train.add_argument("--device", default="auto")
     train.add_argument("--no-progress", action="store_true")
     sub.add_parser("report", help="tables and figures from the finished runs (no training)")
-    short = sub.add_parser("shortrange", help="compression curves and MD stability of the fair models of one "
-                                              "molecule (needs their checkpoints)")
+    short = sub.add_parser(
+        "shortrange",
+        help="compression curves and MD stability of the fair models of one molecule (needs their checkpoints)",
+    )
     short.add_argument("--molecule", default="ethanol")
     short.add_argument("--seed", type=int, default=0, help="the training seed of the models")
     parser.add_argument("--results-dir", default=FAIR_RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.command == "train":
         cells = FAIR_CELLS if args.cells is None else [Cell(*text.split("/")) for text in args.cells]
-        train_fair(cells, args.seeds, results_dir=args.results_dir, progress=not args.no_progress,
-                   device=args.device)
+        train_fair(cells, args.seeds, results_dir=args.results_dir, progress=not args.no_progress, device=args.device)
     elif args.command == "shortrange":
         fair_shortrange(args.results_dir, args.molecule, args.seed)
     else:

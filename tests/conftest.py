@@ -1,11 +1,6 @@
-"""Shared pytest configuration: make the repository root importable (``import dimezbl_core``)."""
+"""Shared pytest fixtures: QM9 sample molecules read independently of the data code, a generated ethanol set."""
+
 import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # QM9 sample molecules for the model tests (tests/test_pyg_equivalence.py): read directly from the qm9pack CSV,
@@ -40,7 +35,7 @@ def _read_qm9_sample(nrows=8000, max_molecules=24):
     return molecules
 
 
-@_pytest.fixture(scope="session")
+@_pytest.fixture(scope="package")
 def qm9_sample_molecules():
     """List of dicts {index, z (int64 [N]), pos (float64 [N, 3], Angstrom)}: real QM9 molecules of 3..26 atoms."""
     return _read_qm9_sample()
@@ -50,22 +45,23 @@ def qm9_sample_molecules():
 # One smoke-profile MD17 run (GFN2-xTB ethanol generated into a temporary data dir, plain DimeNet), shared by the
 # training test (does it learn?) and the ASE tests (NVE with a trained model).
 # ---------------------------------------------------------------------------------------------------------------
-@_pytest.fixture(scope="session")
+@_pytest.fixture(scope="package")
 def ethanol_smoke_data(tmp_path_factory):
     """A data dir holding 300 GFN2-xTB ethanol configurations (data/md17/generated/ethanol.npz)."""
-    import dimezbl_core as dc
+    import dimezbl as dz
 
     root = tmp_path_factory.mktemp("ethanol_smoke")
-    dc.generate_md17("ethanol", 300, data_dir=root / "data", progress=False, equilibration_steps=400)
+    dz.generate_md17("ethanol", 300, data_dir=root / "data", progress=False, equilibration_steps=400)
     return root
 
 
-@_pytest.fixture(scope="session")
+@_pytest.fixture(scope="package")
 def ethanol_smoke_run(ethanol_smoke_data):
-    import dimezbl_core as dc
+    import dimezbl as dz
 
     root = ethanol_smoke_data
-    config = dc.profile_config("smoke", "md17", "ethanol", zbl=False, out_dir=str(root / "runs"),
-                               data_dir=str(root / "data"))
-    metrics = dc.train(config, resume=False, progress=False)
+    config = dz.profile_config(
+        "smoke", "md17", "ethanol", zbl=False, out_dir=str(root / "runs"), data_dir=str(root / "data")
+    )
+    metrics = dz.train(config, resume=False, progress=False)
     return config, metrics

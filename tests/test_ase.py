@@ -1,4 +1,5 @@
 """ASE calculator: forces equal finite differences, NVE conserves energy, units, bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ from ase.build import molecule
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
+import dimezbl as dz
 import dimezbl_core as dc
 
 
@@ -15,13 +17,21 @@ def untrained_calculator(zbl=True, unit="kcal/mol", output_scale=0.01, **kwargs)
     energies and forces are non-trivial but of a molecular size (forces ~ 1 eV/A); kcal/mol as
     for MD17; the ZBL term switched at the covalent radii (active under compression)."""
     torch.manual_seed(0)
-    model = dc.DimezblNet(hidden_channels=16, num_blocks=2, num_bilinear=4, num_spherical=4,
-                          num_radial=4, output_initializer="glorot_orthogonal", zbl=zbl,
-                          zbl_unit=unit, zbl_reach="covalent")
+    model = dc.DimezblNet(
+        hidden_channels=16,
+        num_blocks=2,
+        num_bilinear=4,
+        num_spherical=4,
+        num_radial=4,
+        output_initializer="glorot_orthogonal",
+        zbl=zbl,
+        zbl_unit=unit,
+        zbl_reach="covalent",
+    )
     with torch.no_grad():
         for block in model.output_blocks:
             block.lin.weight.mul_(output_scale)
-    return dc.DimezblCalculator(model, **kwargs)
+    return dz.DimezblCalculator(model, **kwargs)
 
 
 def test_forces_equal_finite_differences_of_the_energy():
@@ -62,13 +72,14 @@ def test_nve_conserves_total_energy(ethanol_smoke_run):
     2e-3 eV while the potential energy moves by much more, and the molecule stays bound."""
     config, _ = ethanol_smoke_run
     atoms = molecule("CH3CH2OH")
-    atoms.calc = dc.DimezblCalculator.from_checkpoint(config.run_dir / "checkpoint_best.pt")
+    atoms.calc = dz.DimezblCalculator.from_checkpoint(config.run_dir / "checkpoint_best.pt")
     assert atoms.calc.energy_unit == "kcal/mol" and atoms.calc.elements == [1, 6, 8]
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, timestep=0.25 * units.fs)
     totals, potentials = [], []
-    dynamics.attach(lambda: (totals.append(atoms.get_total_energy()),
-                             potentials.append(atoms.get_potential_energy())), interval=10)
+    dynamics.attach(
+        lambda: (totals.append(atoms.get_total_energy()), potentials.append(atoms.get_potential_energy())), interval=10
+    )
     dynamics.run(1000)
     totals, potentials = np.array(totals), np.array(potentials)
     assert np.isfinite(totals).all()

@@ -1,23 +1,32 @@
-"""Bad input raises a clear error naming the problem; nothing returns NaN silently (issue 3, acceptance list).
+"""Bad input raises a clear error naming the problem; nothing returns NaN silently.
 
 Each case checks the exception type (ValueError or TypeError) and a keyword in the message.
 """
+
+import numpy as np
 import pytest
 import torch
 
+import dimezbl as dz
 import dimezbl_core as dc
 
 WATER_Z = torch.tensor([8, 1, 1], dtype=torch.long)
-WATER_POS = torch.tensor([[0.0, 0.0, 0.119262], [0.0, 0.763239, -0.477047], [0.0, -0.763239, -0.477047]],
-                         dtype=torch.float64)
+WATER_POS = torch.tensor(
+    [[0.0, 0.0, 0.119262], [0.0, 0.763239, -0.477047], [0.0, -0.763239, -0.477047]], dtype=torch.float64
+)
 ERRORS = (ValueError, TypeError)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["zbl", "nozbl"])
 def model(request):
     torch.manual_seed(0)
-    return dc.DimezblNet(hidden_channels=8, num_blocks=1, num_bilinear=2, zbl=request.param,
-                         output_initializer="glorot_orthogonal").double().eval()
+    return (
+        dc.DimezblNet(
+            hidden_channels=8, num_blocks=1, num_bilinear=2, zbl=request.param, output_initializer="glorot_orthogonal"
+        )
+        .double()
+        .eval()
+    )
 
 
 def call_both(model, z, pos, batch=None):
@@ -116,50 +125,109 @@ def test_float_atomic_numbers(model):
 
 
 def test_compile_with_force_training_is_refused_with_the_reason():
-    config = dc.profile_config("smoke", "md17", "ethanol", compile=True)
+    config = dz.profile_config("smoke", "md17", "ethanol", compile=True)
     with pytest.raises(ValueError, match="compile=True cannot train on forces"):
-        dc.train(config, progress=False)
+        dz.train(config, progress=False)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("max_steps", -5, "max_steps=-5 is invalid: it must be an integer >= 1"),
-    ("max_steps", 0, "max_steps=0 is invalid"),
-    ("max_steps", "abc", "max_steps='abc' is invalid"),
-    ("max_steps", None, "max_steps=None is invalid"),
-    ("ema_decay", 2, r"ema_decay=2.0 is invalid: it must be a number in \[0, 1\)"),
-    ("learning_rate", "x", "learning_rate='x' is invalid: it must be a number > 0"),
-    ("model.hidden_channels", "x", "model.hidden_channels='x' is invalid: it must be a non-negative integer"),
-    ("dtype", "float16", r"dtype='float16' is invalid: use one of \['float32', 'float64'\]"),
-    ("batch_size", 0, "batch_size=0 is invalid"),
-    ("batch_size", -3, "batch_size=-3 is invalid"),
-    ("device", "tpu", "device='tpu' is invalid: use auto, cpu, cuda or cuda:N"),
-    ("target_offset", "median", "target_offset='median' is invalid"),
-    ("zbl", "yes", "zbl='yes' is invalid: it must be true or false"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_steps", -5, "max_steps=-5 is invalid: it must be an integer >= 1"),
+        ("max_steps", 0, "max_steps=0 is invalid"),
+        ("max_steps", "abc", "max_steps='abc' is invalid"),
+        ("max_steps", None, "max_steps=None is invalid"),
+        ("ema_decay", 2, r"ema_decay=2.0 is invalid: it must be a number in \[0, 1\)"),
+        ("learning_rate", "x", "learning_rate='x' is invalid: it must be a number > 0"),
+        ("model.hidden_channels", "x", "model.hidden_channels='x' is invalid: it must be a non-negative integer"),
+        ("dtype", "float16", r"dtype='float16' is invalid: use one of \['float32', 'float64'\]"),
+        ("batch_size", 0, "batch_size=0 is invalid"),
+        ("batch_size", -3, "batch_size=-3 is invalid"),
+        ("device", "tpu", "device='tpu' is invalid: use auto, cpu, cuda or cuda:N"),
+        ("target_offset", "median", "target_offset='median' is invalid"),
+        ("zbl", "yes", "zbl='yes' is invalid: it must be true or false"),
+    ],
+)
 def test_config_values_are_validated_at_construction(field, value, message):
     """Every field is checked when the config is made (before any data is loaded or file written)."""
     with pytest.raises(ValueError, match=message):
-        dc.profile_config("smoke", "md17", "ethanol", **{field: value})
+        dz.profile_config("smoke", "md17", "ethanol", **{field: value})
 
 
 def test_device_on_the_command_line_and_in_set_cannot_disagree():
     import argparse
 
     parser = argparse.ArgumentParser()
-    dc.add_train_arguments(parser)
+    dz.add_train_arguments(parser)
     args = parser.parse_args(["--dataset", "md17", "--target", "ethanol", "--device", "cpu", "--set", 'device="cuda"'])
     with pytest.raises(ValueError, match="--device cpu and --set device=cuda disagree"):
-        dc.config_from_arguments(args)
+        dz.config_from_arguments(args)
     args = parser.parse_args(["--dataset", "md17", "--target", "ethanol", "--set", 'device="cpu"'])
-    assert dc.config_from_arguments(args).device == "cpu"  # --set alone is kept
+    assert dz.config_from_arguments(args).device == "cpu"  # --set alone is kept
     with pytest.raises(SystemExit):
-        dc.run_models_main(["--dataset", "md17", "--targets", "ethanol", "--device", "cpu", "--set",
-                            'device="cuda"', "--no-training"])
+        dz.run_models_main(
+            ["--dataset", "md17", "--targets", "ethanol", "--device", "cpu", "--set", 'device="cuda"', "--no-training"]
+        )
 
 
 def test_a_bad_target_leaves_no_run_directory(tmp_path):
     with pytest.raises(ValueError, match="target='caffeine' is invalid: use one of the MD17 molecules"):
-        dc.TrainConfig(dataset="md17", target="caffeine")
+        dz.TrainConfig(dataset="md17", target="caffeine")
     with pytest.raises(ValueError, match="target='HOMO' is invalid: use one of the QM9 targets"):
-        dc.train(dc.TrainConfig(dataset="qm9", target="HOMO", out_dir=str(tmp_path)), progress=False)
+        dz.train(dz.TrainConfig(dataset="qm9", target="HOMO", out_dir=str(tmp_path)), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def _tiny_md17_config(data_dir, out_dir, **overrides):
+    values = dict(dataset="md17", target="ethanol", zbl=False, profile="test", data_dir=str(data_dir),
+                  out_dir=str(out_dir), model=dict(hidden_channels=16, num_blocks=1, num_bilinear=2, num_spherical=3,
+                  num_radial=3), n_train=32, n_valid=16, n_test=16, batch_size=8, warmup_steps=1, max_steps=8,
+                  eval_every=2, checkpoint_every=2, device="cpu")  # fmt: skip
+    return dz.TrainConfig(**{**values, **overrides})
+
+
+def _other_valid_data(path):
+    """The same molecule with its energies shifted by 1 kcal/mol: valid data, but not the data of the run."""
+    with np.load(path) as arrays:
+        other = {key: arrays[key] for key in arrays.files}
+    other["E"] = other["E"] + 1.0
+    np.savez(path, **other)
+
+
+def test_resume_and_evaluate_refuse_changed_data(ethanol_smoke_data, tmp_path, monkeypatch):
+    """Kill a run, replace its data with other valid data, rerun: it refuses (naming both content sha256s and
+    the way out) instead of training half on each; evaluate refuses the same; with the data restored it resumes."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(ethanol_smoke_data / "data", data_dir)
+    config = _tiny_md17_config(data_dir, tmp_path / "runs")
+    path = data_dir / "md17" / "generated" / "ethanol.npz"
+    original = path.read_bytes()
+    real_batch = dz.RunData.train_batch
+
+    def killed_at_step_5(self, step, *args, **kwargs):
+        if step == 5:
+            raise KeyboardInterrupt  # as if the process were killed after the checkpoint of step 4
+        return real_batch(self, step, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dz.RunData, "train_batch", killed_at_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            dz.train(config, progress=False)
+    last = config.run_dir / "checkpoint_last.pt"
+    assert dz.load_checkpoint(last)["state"]["step"] == 4
+    _other_valid_data(path)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint_last\.pt was trained on data with content sha256 [0-9a-f]{16}"
+        r"\.\.\., but the data found now .* have [0-9a-f]{16}\.\.\.: the data changed since\. Restore",
+    ):
+        dz.train(config, progress=False)
+    assert dz.load_checkpoint(last)["state"]["step"] == 4  # nothing was overwritten
+    with pytest.raises(ValueError, match="the data changed since"):
+        dz.evaluate_checkpoint(config.run_dir / "checkpoint_best.pt", device="cpu")
+    path.write_bytes(original)
+    metrics = dz.train(config, progress=False)
+    assert metrics["steps"] == 8
+    assert dz.evaluate_checkpoint(config.run_dir / "checkpoint_best.pt", device="cpu")["subset"] == "test"

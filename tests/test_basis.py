@@ -3,6 +3,7 @@
 References are computed here with scipy (spherical_jn, eval_legendre, brentq) and explicit formulas, never with
 dimezbl_core itself. Everything is float64.
 """
+
 import math
 
 import numpy as np
@@ -39,8 +40,9 @@ def bessel_zeros_ref(num_spherical, num_radial):
     for l in range(num_spherical):
         vals = spherical_jn(l, grid)
         idx = np.nonzero(np.sign(vals[:-1]) * np.sign(vals[1:]) < 0)[0]
-        found = [brentq(lambda t: spherical_jn(l, t), grid[k], grid[k + 1], xtol=1e-15, rtol=1e-15)
-                 for k in idx[:num_radial]]
+        found = [
+            brentq(lambda t: spherical_jn(l, t), grid[k], grid[k + 1], xtol=1e-15, rtol=1e-15) for k in idx[:num_radial]
+        ]
         assert len(found) == num_radial
         zeros[l] = found
     return zeros
@@ -155,7 +157,9 @@ def test_envelope_derivatives_by_autograd_match_formula_and_vanish_at_cutoff(p):
     np.testing.assert_allclose(du, rdu, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(d2u, rd2u, rtol=1e-10, atol=1e-10)
     # value 1 at the origin
-    assert float(dc.envelope_polynomial(torch.tensor([0.0], dtype=torch.float64), exponent_p=p)[0]) == pytest.approx(1.0, abs=1e-15)
+    assert float(dc.envelope_polynomial(torch.tensor([0.0], dtype=torch.float64), exponent_p=p)[0]) == pytest.approx(
+        1.0, abs=1e-15
+    )
     # triple root at x = 1: u ~ d^3, u' ~ d^2, u'' ~ d from below (d = 1 - x), exactly zero at and beyond 1
     for d in (1e-2, 1e-3, 1e-4):
         u1, du1, d2u1 = (v[0] for v in _autograd_derivatives(np.array([1.0 - d]), p))
@@ -270,7 +274,7 @@ def test_spherical_basis_layer_equals_pyg_layer():
     float32 dtype and converted with .double() (the usual way) must not keep float32-rounded constants."""
     from torch_geometric.nn.models.dimenet import SphericalBasisLayer as PygSBF
 
-    from _pyg_standins import memoize_pyg_basis_forms
+    from bench._pyg_standins import memoize_pyg_basis_forms
 
     memoize_pyg_basis_forms()
 

@@ -1,14 +1,12 @@
 """bench/: the op timer of profile_ops.py sees every aten call (the autograd engine's included), its output file, and
 the paired ratio of bench_dimenet.py."""
-import os
+
 import statistics
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from profile_ops import OpTimer, shape_classifier  # noqa: E402
+from bench.profile_ops import OpTimer, shape_classifier
 
 
 def test_op_timer_counts_forward_and_backward_calls_by_shape_class():
@@ -26,7 +24,7 @@ def test_op_timer_counts_forward_and_backward_calls_by_shape_class():
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    from bench_dimenet import paired_ratio
+    from bench.bench_dimenet import paired_ratio
 
     # round 2 ran under load: both calls slowed alike, so its ratio is unchanged and the median ignores the rest
     ours = [1.0, 3.0, 1.0]
@@ -38,11 +36,14 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 
 def test_profile_output_file_has_provenance_header_and_the_printed_lines(tmp_path):
-    from profile_ops import write_output
+    from bench.profile_ops import write_output
 
     path = tmp_path / "sub" / "profile.txt"
-    write_output(str(path), ["== ours DimeNet++: step 610 ms", "   by op: mm 275"],
-                 {"git_commit": "abc123", "git_dirty": False, "command": "bench/profile_ops.py --out x"})
+    write_output(
+        str(path),
+        ["== ours DimeNet++: step 610 ms", "   by op: mm 275"],
+        {"git_commit": "abc123", "git_dirty": False, "command": "bench/profile_ops.py --out x"},
+    )
     lines = path.read_text().splitlines()
     assert lines[:3] == ["# git_commit: abc123", "# git_dirty: False", "# command: bench/profile_ops.py --out x"]
     assert any(line.startswith("# loadavg_at_end: [") for line in lines)
@@ -51,7 +52,7 @@ def test_profile_output_file_has_provenance_header_and_the_printed_lines(tmp_pat
 
 
 def test_profile_output_prints_and_keeps_every_line(capsys):
-    from profile_ops import Output
+    from bench.profile_ops import Output
 
     emit = Output()
     emit("\n== ours DimeNet++: step 610 ms")
@@ -63,13 +64,20 @@ def test_profile_output_prints_and_keeps_every_line(capsys):
 def test_ab_revisions_loads_two_versions_as_separate_modules(tmp_path):
     """ab_revisions.py: the working tree's and a committed dimezbl_core.py become two modules of their own
     (their classes distinct), and both build the same model from the same weights."""
-    import ab_revisions
+    from bench import ab_revisions
 
     worktree = ab_revisions.load_revision(ab_revisions.WORKTREE, str(tmp_path))
     committed = ab_revisions.load_revision("HEAD", str(tmp_path))
     assert worktree is not committed and worktree.DimezblNet is not committed.DimezblNet
-    kwargs = dict(hidden_channels=8, num_blocks=1, variant="dimenet++", int_emb_size=4, basis_emb_size=2,
-                  out_emb_channels=8, output_initializer="glorot_orthogonal")
+    kwargs = dict(
+        hidden_channels=8,
+        num_blocks=1,
+        variant="dimenet++",
+        int_emb_size=4,
+        basis_emb_size=2,
+        out_emb_channels=8,
+        output_initializer="glorot_orthogonal",
+    )
     torch.manual_seed(0)
     a = worktree.DimezblNet(**kwargs)
     b = committed.DimezblNet(**kwargs)

@@ -1,5 +1,6 @@
 """The fair test's pieces: per-element offsets, matched start, compressed schedule, recipe (c)'s switch,
 the paired statistics."""
+
 import json
 import math
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
+import dimezbl as dz
 import dimezbl_core as dc
 from dimezbl import fair
 
@@ -24,7 +26,7 @@ def test_per_element_least_squares_recovers_known_energies():
         z = rng.choice(list(reference), size=rng.integers(3, 20))
         samples.append(Data(z=torch.as_tensor(z)))
         energies.append(sum(reference[int(v)] for v in z) + rng.normal(0, 1e-3))
-    table = dc.per_element_least_squares(samples, torch.tensor(energies, dtype=torch.float64))
+    table = dz.per_element_least_squares(samples, torch.tensor(energies, dtype=torch.float64))
     assert table.shape == (dc.MAX_ATOMIC_NUMBER + 1,)
     for z, value in reference.items():
         assert table[z] == pytest.approx(value, abs=1e-3)
@@ -32,22 +34,28 @@ def test_per_element_least_squares_recovers_known_energies():
 
 
 def test_per_element_offset_is_subtracted_per_atom():
-    offset = dc.target_offset([Data(z=torch.tensor([1, 1, 8]), energy=torch.tensor([-3.0])),
-                               Data(z=torch.tensor([1, 8, 8]), energy=torch.tensor([-5.0]))], None, "per_element")
+    offset = dz.target_offset(
+        [
+            Data(z=torch.tensor([1, 1, 8]), energy=torch.tensor([-3.0])),
+            Data(z=torch.tensor([1, 8, 8]), energy=torch.tensor([-5.0])),
+        ],
+        None,
+        "per_element",
+    )
     # 2 e_H + e_O = -3, e_H + 2 e_O = -5
     assert offset[2][1] == pytest.approx(-1 / 3) and offset[2][8] == pytest.approx(-7 / 3)
-    energies = dc.offset_energies(offset, torch.tensor([1, 8, 6]), torch.tensor([0, 0, 1]), 2)
+    energies = dz.offset_energies(offset, torch.tensor([1, 8, 6]), torch.tensor([0, 0, 1]), 2)
     assert energies.tolist() == pytest.approx([-8 / 3, 0.0])
-    assert dc.resolve_offset_kind("per_element", dc.QM9_TARGETS.index("homo")) == "mean"  # intensive target
-    assert dc.resolve_offset_kind("per_element", dc.QM9_TARGETS.index("U0")) == "per_element"
+    assert dz.resolve_offset_kind("per_element", dz.QM9_TARGETS.index("homo")) == "mean"  # intensive target
+    assert dz.resolve_offset_kind("per_element", dz.QM9_TARGETS.index("U0")) == "per_element"
 
 
 def _start_residual(config):
     """Validation MAE of a freshly built model (its network part is zero at step 0)."""
     torch.manual_seed(0)
-    model = dc.build_model(config)
-    data = dc.RunData(config, model.zbl)
-    return dc.evaluate(model, data, data.valid, torch.device("cpu"))
+    model = dz.build_model(config)
+    data = dz.RunData(config, model.zbl)
+    return dz.evaluate(model, data, data.valid, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dataset,target", [("qm9", "U0"), ("md17", "ethanol")])
@@ -58,8 +66,9 @@ def test_models_start_at_residuals_of_the_same_size(dataset, target, ethanol_smo
     extra = dict(data_dir=str(ethanol_smoke_data / "data")) if dataset == "md17" else {}
     residual = {}
     for name in fair.FAIR_MODELS:
-        config = dc.profile_config("fair", dataset, target, **{**dc.MODEL_RECIPES[name], **sizes, **extra,
-                                                                "model": dc.SMOKE_MODEL})
+        config = dz.profile_config(
+            "fair", dataset, target, **{**dz.MODEL_RECIPES[name], **sizes, **extra, "model": dz.SMOKE_MODEL}
+        )
         residual[name] = _start_residual(config)["energy_mae"]
     for name in ("dimezblnet_switched", "dimezblnet_interpolated"):
         assert residual[name] == pytest.approx(residual["dimenet"], rel=0.10)
@@ -71,18 +80,21 @@ def test_models_start_at_residuals_of_the_same_size(dataset, target, ethanol_smo
 
 def test_fair_schedule_reaches_its_final_rate_at_max_steps():
     for profile in ("fair", "fair_long"):
-        config = dc.profile_config("fair", "md17", "ethanol") if profile == "fair" else dc.profile_config(
-            profile, "md17", "ethanol")
+        config = (
+            dz.profile_config("fair", "md17", "ethanol")
+            if profile == "fair"
+            else dz.profile_config(profile, "md17", "ethanol")
+        )
         final = config.learning_rate * config.decay_rate
-        assert dc.learning_rate_at(config.max_steps, config) == pytest.approx(final, rel=1e-12)
-        assert dc.learning_rate_at(config.warmup_steps, config) > 10 * final
-    paper = dc.profile_config("paper", "qm9", "U0")  # DimeNet's own schedule is untouched
+        assert dz.learning_rate_at(config.max_steps, config) == pytest.approx(final, rel=1e-12)
+        assert dz.learning_rate_at(config.warmup_steps, config) > 10 * final
+    paper = dz.profile_config("paper", "qm9", "U0")  # DimeNet's own schedule is untouched
     assert paper.decay_steps == 4_000_000 and paper.warmup_steps == 3000 and paper.max_steps == 3_000_000
 
 
 def test_smoke_run_records_offset_method_and_final_learning_rate(ethanol_smoke_run):
     config, metrics = ethanol_smoke_run
-    assert metrics["final_learning_rate"] == pytest.approx(dc.learning_rate_at(config.max_steps - 1, config))
+    assert metrics["final_learning_rate"] == pytest.approx(dz.learning_rate_at(config.max_steps - 1, config))
     assert metrics["offset_method"].startswith("per-element least squares")
     assert set(metrics["target_offset"]["per_element"]) == {"C", "H", "O"}
 
@@ -93,7 +105,7 @@ def test_smoke_run_records_offset_method_and_final_learning_rate(ethanol_smoke_r
 def _models():
     """(interpolated DimezblNet, the same network without ZBL), float64, with a non-zero output layer."""
     torch.manual_seed(3)
-    kwargs = dict(**dc.SMOKE_MODEL, output_initializer="glorot_orthogonal")
+    kwargs = dict(**dz.SMOKE_MODEL, output_initializer="glorot_orthogonal")
     blended = dc.DimezblNet(zbl=True, zbl_unit="kcal/mol", zbl_combine="interpolate", **kwargs).double()
     plain = dc.DimezblNet(zbl=False, **kwargs).double()
     plain.load_state_dict({k: v for k, v in blended.state_dict().items() if not k.startswith("zbl.")})
@@ -122,7 +134,8 @@ def test_interpolation_is_pure_zbl_inside_and_the_network_outside():
     # in between it blends: neither of the two
     between = _dimer_scan(blended, [0.55])[0][0]
     assert between != pytest.approx(_dimer_scan(plain, [0.55])[0][0]) and between != pytest.approx(
-        float(dc.zbl_pair_energy(8, 1, torch.tensor(0.55, dtype=torch.float64), "kcal/mol")))
+        float(dc.zbl_pair_energy(8, 1, torch.tensor(0.55, dtype=torch.float64), "kcal/mol"))
+    )
 
 
 @pytest.mark.parametrize("radius", [0.4, 0.7])
@@ -157,7 +170,7 @@ def test_interpolation_weights_ignore_lone_atoms_and_use_the_nearest_neighbour()
 
 def test_exported_interpolated_model_matches(tmp_path):
     blended, _ = _models()
-    dc.export_model(blended, tmp_path / "model.pt", dtype=torch.float64)
+    dz.export_model(blended, tmp_path / "model.pt", dtype=torch.float64)
     exported = torch.jit.load(str(tmp_path / "model.pt"))
     z = torch.tensor([8, 1, 1])
     pos = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.95, 0.1]], dtype=torch.float64)
@@ -200,8 +213,18 @@ def test_summary_pairs_by_seed_and_refuses_mixed_data():
     rows = []
     for model, maes in (("dimenet", [1.0, 2.0]), ("dimezblnet", [1.5, 3.0])):
         for seed, mae in enumerate(maes):
-            rows.append(dict(profile="fair", dataset="qm9", target="U0", model=model, seed=seed,
-                             test_energy_mae=mae, energy_unit="meV", data_sha256="abc"))
+            rows.append(
+                dict(
+                    profile="fair",
+                    dataset="qm9",
+                    target="U0",
+                    model=model,
+                    seed=seed,
+                    test_energy_mae=mae,
+                    energy_unit="meV",
+                    data_sha256="abc",
+                )
+            )
     runs = pd.DataFrame(rows)
     summary = fair.fair_summary(runs, [fair.Cell("qm9", "U0")])
     row = summary[summary["model"] == "dimezblnet"].iloc[0]
@@ -220,9 +243,20 @@ def tiny_fair_results(ethanol_smoke_data, tmp_path_factory):
     """Two seeds of the fair ethanol cell at 4 steps on the smoke data (recipes (b), (c): the first seed)."""
     results = tmp_path_factory.mktemp("fair")
     npz = ethanol_smoke_data / "data" / "md17" / "generated" / "ethanol.npz"
-    runs = fair.train_fair([fair.Cell("md17", "ethanol")], seeds=[0, 1], results_dir=results, progress=False,
-                           md17_source="npz", md17_path=str(npz), max_steps=4, eval_every=2, n_train=32,
-                           n_valid=16, n_test=16, model=dc.SMOKE_MODEL)
+    runs = fair.train_fair(
+        [fair.Cell("md17", "ethanol")],
+        seeds=[0, 1],
+        results_dir=results,
+        progress=False,
+        md17_source="npz",
+        md17_path=str(npz),
+        max_steps=4,
+        eval_every=2,
+        n_train=32,
+        n_valid=16,
+        n_test=16,
+        model=dz.SMOKE_MODEL,
+    )
     return results, runs
 
 
@@ -245,28 +279,47 @@ def test_fair_driver_trains_each_recipe_and_reports(tiny_fair_results):
     expected = 100 * math.expm1(np.mean([math.log(mae["dimezblnet", s] / mae["dimenet", s]) for s in (0, 1)]))
     assert literal["seeds"] == 2 and literal["change_pct"] == pytest.approx(expected)
     listed = pd.read_csv(results / "tables" / "runs.csv")["run_dir"]
-    assert all((dc.results_path(results, d, "metrics.json")).exists() for d in listed)  # every cell traceable
+    assert all((dz.results_path(results, d, "metrics.json")).exists() for d in listed)  # every cell traceable
 
 
 def test_fair_notebook_runs_headless(tiny_fair_results, tmp_path):
     import papermill
 
     results, _ = tiny_fair_results
-    notebooks = dc.REPOSITORY_ROOT / "notebooks"
-    papermill.execute_notebook(str(notebooks / fair.FAIR_NOTEBOOK), str(tmp_path / fair.FAIR_NOTEBOOK),
-                               parameters={"results_dir": str(results)}, kernel_name=dc.KERNEL_NAME,
-                               cwd=str(notebooks), progress_bar=False)
+    notebooks = dz.REPOSITORY_ROOT / "notebooks"
+    papermill.execute_notebook(
+        str(notebooks / fair.FAIR_NOTEBOOK),
+        str(tmp_path / fair.FAIR_NOTEBOOK),
+        parameters={"results_dir": str(results)},
+        kernel_name=dz.KERNEL_NAME,
+        cwd=str(notebooks),
+        progress_bar=False,
+    )
     executed = json.loads((tmp_path / fair.FAIR_NOTEBOOK).read_text())
-    images = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in executed["cells"]
+        if c["cell_type"] == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) == 2  # the forest plot and the convergence figure, inline
 
 
 def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
     results, _ = tiny_fair_results
-    out = fair.fair_shortrange(results, "ethanol", seed=0, progress=False, n_steps=20, seeds=(0,),
-                               temperatures_k=(1000.0,), compression_step_a=0.5, reference=False)
-    labels = {dc.MODEL_LABELS[m] for m in fair.FAIR_MODELS}
+    out = fair.fair_shortrange(
+        results,
+        "ethanol",
+        seed=0,
+        progress=False,
+        n_steps=20,
+        seeds=(0,),
+        temperatures_k=(1000.0,),
+        compression_step_a=0.5,
+        reference=False,
+    )
+    labels = {dz.MODEL_LABELS[m] for m in fair.FAIR_MODELS}
     assert set(out["md_summary"]["model"]) == labels
     columns = set(out["curves"][0].columns)
     assert labels <= columns and "GFN2-xTB" in columns

@@ -1,4 +1,5 @@
 """The reordered computations of dimezbl_core equal the straightforward formulas they replace."""
+
 import pytest
 import torch
 
@@ -220,8 +221,12 @@ def test_interaction_pp_block_equals_per_triplet_formula():
     sbf = dc.SphericalBasisLayer(num_spherical, num_radial).combine(radial, angular, idx_kj)
     transposed = dc.TripletPlan.transposed(idx_kj, idx_ji, num_edges, num_spherical)
     assert transposed.order_t is None  # `triplets` order: the plan's values are the angular part itself
-    torch.testing.assert_close(block.factored(x, rbf, radial, angular, transposed),
-                               block(x, rbf, sbf, idx_kj, idx_ji, plan), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        block.factored(x, rbf, radial, angular, transposed),
+        block(x, rbf, sbf, idx_kj, idx_ji, plan),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_shared_triplet_weights_permuted_once_with_the_same_gradients():
@@ -232,8 +237,9 @@ def test_shared_triplet_weights_permuted_once_with_the_same_gradients():
     num_edges, num_triplets, num_weights = edge_index.size(1), idx_kj.numel(), 7
     g = torch.Generator().manual_seed(12)
     angular = torch.randn(num_triplets, num_weights, generator=g, dtype=torch.float64)
-    features = [torch.randn(num_edges, num_weights, 5, generator=g, dtype=torch.float64, requires_grad=True)
-                for _ in range(3)]
+    features = [
+        torch.randn(num_edges, num_weights, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    ]
 
     def blocks(plan, y):
         return sum((dc.triplet_contract(plan, y, f) ** 2).sum() for f in features)
@@ -263,16 +269,24 @@ def test_shared_triplet_weights_permuted_once_with_the_same_gradients():
     torch.autograd.grad(blocks(shared, angular), features)
     with torch.no_grad():
         angular.mul_(2.0)
-    torch.testing.assert_close(torch.autograd.grad(blocks(shared, angular), features),
-                               torch.autograd.grad(blocks(plain, angular), features), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(blocks(shared, angular), features),
+        torch.autograd.grad(blocks(plain, angular), features),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_swish_derivatives_equal_torch_silu_to_third_order(create_graph):
     """The hand-written first and second derivatives of `swish` (both the in-place path of a plain
     backward and the differentiable one under create_graph) equal autograd's through F.silu."""
-    x0 = torch.cat([torch.linspace(-30.0, 30.0, 61, dtype=torch.float64),
-                    torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4])
+    x0 = torch.cat(
+        [
+            torch.linspace(-30.0, 30.0, 61, dtype=torch.float64),
+            torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4,
+        ]
+    )
     weights = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     derivatives = {}
     for name, act in (("swish", dc.swish), ("silu", torch.nn.functional.silu)):
@@ -318,8 +332,9 @@ def test_first_order_keeps_value_and_first_derivative_and_drops_higher_ones():
     assert torch.equal(x2_lin, torch.zeros_like(x2_lin))
 
 
-@pytest.mark.parametrize("variant,reach", [("dimenet", "cutoff"), ("dimenet", "lammps"),
-                                           ("dimenet++", "covalent"), ("dimenet++", "cutoff")])
+@pytest.mark.parametrize(
+    "variant,reach", [("dimenet", "cutoff"), ("dimenet", "lammps"), ("dimenet++", "covalent"), ("dimenet++", "cutoff")]
+)
 def test_force_training_with_geometry_to_first_order_equals_full_autograd(variant, reach, qm9_sample_molecules):
     """`energy_and_forces(create_graph=True)` on positions that do not require grad linearises the
     geometry and bases (`pos_first_order`): energies are bit-for-bit those of the full graph,
@@ -330,9 +345,17 @@ def test_force_training_with_geometry_to_first_order_equals_full_autograd(varian
     pos = torch.cat([m["pos"] for m in samples]).double()
     molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
     torch.manual_seed(3)
-    model = dc.DimezblNet(hidden_channels=16, num_blocks=2, variant=variant, int_emb_size=8, basis_emb_size=4,
-                          out_emb_channels=16, output_initializer="glorot_orthogonal", zbl_reach=reach,
-                          zbl_learnable_scale=True).double()
+    model = dc.DimezblNet(
+        hidden_channels=16,
+        num_blocks=2,
+        variant=variant,
+        int_emb_size=8,
+        basis_emb_size=4,
+        out_emb_channels=16,
+        output_initializer="glorot_orthogonal",
+        zbl_reach=reach,
+        zbl_learnable_scale=True,
+    ).double()
     with torch.no_grad():
         model.zbl.scale.fill_(0.7)
     force_target = torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -353,7 +376,9 @@ def test_force_training_with_geometry_to_first_order_equals_full_autograd(varian
     torch.testing.assert_close(f_lin, f_full, rtol=1e-9, atol=1e-10)
     for (name, _), a, b in zip(model.named_parameters(), g_lin, g_full):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
-    assert model.zbl.scale.requires_grad and g_full[[n for n, _ in model.named_parameters()].index("zbl.scale")].abs() > 0
+    assert (
+        model.zbl.scale.requires_grad and g_full[[n for n, _ in model.named_parameters()].index("zbl.scale")].abs() > 0
+    )
 
 
 @pytest.fixture
@@ -393,8 +418,9 @@ def test_compiled_swish_kernels_equal_the_eager_path_to_third_order(compiled_ker
             (third,) = torch.autograd.grad(second.sum(), x)
             results[on] = [y.detach(), first.detach(), second_plain, second.detach(), third]
         assert compiled_kernels.failure is None
-        for name, ours, reference in zip(("value", "first", "second", "second (create_graph)", "third"),
-                                         results[True], results[False]):
+        for name, ours, reference in zip(
+            ("value", "first", "second", "second (create_graph)", "third"), results[True], results[False]
+        ):
             torch.testing.assert_close(ours, reference, **tolerance, msg=f"{shape} {name}")
     # the compiled path was taken: silu'(x) is what the forward kept for the backward
     x = torch.randn(8, 128, dtype=dtype, requires_grad=True)
@@ -412,26 +438,30 @@ def test_fused_kernels_over_the_whole_float_range(compiled_kernels, dtype):
     (float32) or ~1e-290 (float64) as zero; at +-inf and NaN the same inf/NaN as eager."""
     eps = torch.finfo(dtype).eps
     floor = 1e-30 if dtype == torch.float32 else 1e-290
-    x = torch.cat([torch.linspace(-760, 760, 40_001, dtype=torch.float64),
-                   torch.linspace(-20, 20, 100_003, dtype=torch.float64)]).to(dtype)  # not a multiple of 8
+    x = torch.cat(
+        [torch.linspace(-760, 760, 40_001, dtype=torch.float64), torch.linspace(-20, 20, 100_003, dtype=torch.float64)]
+    ).to(dtype)  # not a multiple of 8
     y, slope = compiled_kernels.value_and_slope(x)
     curvature = compiled_kernels.curvature_times(torch.full_like(x, 0.75), torch.full_like(x, -2.0), x)
     ref_y, ref_slope = dc._swish_value_and_slope(x.double())
     ref_curvature = dc._swish_curvature_times(torch.full_like(ref_y, 0.75), torch.full_like(ref_y, -2.0), x.double())
     eager_y, eager_slope = dc._swish_value_and_slope(x)  # the same formulas in `dtype` with torch's exp
     eager_curvature = dc._swish_curvature_times(torch.full_like(x, 0.75), torch.full_like(x, -2.0), x)
-    for name, ours, ref, eager, scale in (("silu", y, ref_y, eager_y, 0.0),
-                                          ("silu'", slope, ref_slope, eager_slope, 1.0),
-                                          ("curvature", curvature, ref_curvature, eager_curvature, 0.75)):
+    for name, ours, ref, eager, scale in (
+        ("silu", y, ref_y, eager_y, 0.0),
+        ("silu'", slope, ref_slope, eager_slope, 1.0),
+        ("curvature", curvature, ref_curvature, eager_curvature, 0.75),
+    ):
         error = (ours.double() - ref).abs()
         # a few ulps, or twice the eager formula's own error where it cancels (1 - s for s ~ 1)
         bound = 8 * eps * (ref.abs() + scale) + floor + 2 * (eager.double() - ref).abs()
         assert ours.dtype == dtype and bool((error <= bound).all()), (name, x[(error - bound).argmax()].item())
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype)
     ones = torch.ones_like(special)
-    for ours, eager in zip((*compiled_kernels.value_and_slope(special),
-                            compiled_kernels.curvature_times(ones, ones, special)),
-                           (*dc._swish_value_and_slope(special), dc._swish_curvature_times(ones, ones, special))):
+    for ours, eager in zip(
+        (*compiled_kernels.value_and_slope(special), compiled_kernels.curvature_times(ones, ones, special)),
+        (*dc._swish_value_and_slope(special), dc._swish_curvature_times(ones, ones, special)),
+    ):
         torch.testing.assert_close(ours, eager, rtol=0, atol=0, equal_nan=True)
 
 
@@ -505,11 +535,14 @@ def test_fused_sbf_messages_equal_the_composite(compiled_kernels):
         weight = torch.randn(channels, basis, generator=generator)
         x = torch.randn(300, channels, generator=generator)
         grad = torch.randn(300, 7, channels, generator=generator)
-        torch.testing.assert_close(compiled_kernels.sbf_messages(r, weight, x), (r @ weight.t()) * x.unsqueeze(1),
-                                   rtol=1e-5, atol=1e-5)
-        for name, ours, reference in zip(("r", "weight", "x"),
-                                         compiled_kernels.sbf_messages_backward(grad, r, weight, x),
-                                         dc._sbf_message_gradients(grad, r, weight, x)):
+        torch.testing.assert_close(
+            compiled_kernels.sbf_messages(r, weight, x), (r @ weight.t()) * x.unsqueeze(1), rtol=1e-5, atol=1e-5
+        )
+        for name, ours, reference in zip(
+            ("r", "weight", "x"),
+            compiled_kernels.sbf_messages_backward(grad, r, weight, x),
+            dc._sbf_message_gradients(grad, r, weight, x),
+        ):
             scale = reference.abs().max().item()
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * scale, msg=name)
     # the raw-pointer kernels refuse shapes they would read past
@@ -529,8 +562,15 @@ def test_fused_kernels_in_energy_training_equal_the_eager_path(compiled_kernels,
     molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
     pos = torch.cat([m["pos"] for m in samples]).double()
     torch.manual_seed(6)
-    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant="dimenet++", int_emb_size=16,
-                          basis_emb_size=4, out_emb_channels=32, output_initializer="glorot_orthogonal").double()
+    model = dc.DimezblNet(
+        hidden_channels=32,
+        num_blocks=2,
+        variant="dimenet++",
+        int_emb_size=16,
+        basis_emb_size=4,
+        out_emb_channels=32,
+        output_initializer="glorot_orthogonal",
+    ).double()
     calls, original = [], compiled_kernels.sbf_messages_backward
     monkeypatch.setattr(compiled_kernels, "sbf_messages_backward", lambda *args: calls.append(1) or original(*args))
 
@@ -546,8 +586,9 @@ def test_fused_kernels_in_energy_training_equal_the_eager_path(compiled_kernels,
     assert calls == [1, 1]  # with forces (the geometry requires grad) q is kept: the unfused messages
     names = ["energy"] + [name for name, _ in model.named_parameters()]
     for name, ours, expected in zip(names, fused, reference):
-        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9 * max(expected.abs().max().item(), 1.0),
-                                   msg=name)
+        torch.testing.assert_close(
+            ours, expected, rtol=1e-9, atol=1e-9 * max(expected.abs().max().item(), 1.0), msg=name
+        )
 
 
 def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_kernels, qm9_sample_molecules):
@@ -561,8 +602,15 @@ def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_
     z = torch.cat([m["z"] for m in samples])
     molecule = torch.cat([torch.full((len(m["z"]),), k) for k, m in enumerate(samples)])
     torch.manual_seed(5)
-    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant="dimenet++", int_emb_size=16,
-                          basis_emb_size=4, out_emb_channels=32, output_initializer="glorot_orthogonal")
+    model = dc.DimezblNet(
+        hidden_channels=32,
+        num_blocks=2,
+        variant="dimenet++",
+        int_emb_size=16,
+        basis_emb_size=4,
+        out_emb_channels=32,
+        output_initializer="glorot_orthogonal",
+    )
 
     def step(dtype, kernels):
         dc.enable_compiled_kernels(kernels)
@@ -591,8 +639,7 @@ def test_compiled_swish_kernels_in_force_training_equal_the_eager_path(compiled_
 def test_a_build_failure_falls_back_to_the_eager_path_with_a_warning(monkeypatch):
     """Where the kernels cannot be built (here: CC names no compiler), swish warns once, naming the
     cause and the fix, computes the same values eagerly, and later calls take torch's silu."""
-    before, failure, library = dc.enable_compiled_kernels(True), dc.CompiledKernels.failure, \
-        dc.CompiledKernels._library
+    before, failure, library = dc.enable_compiled_kernels(True), dc.CompiledKernels.failure, dc.CompiledKernels._library
     dc.CompiledKernels.failure, dc.CompiledKernels._library = None, None
     monkeypatch.setenv("CC", "/nonexistent/cc")
     try:

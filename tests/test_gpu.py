@@ -1,16 +1,15 @@
 """CUDA paths (skipped where there is no GPU, as in CI): the same model on the CPU and on CUDA gives the
 same energies and forces and the same force-training weight gradients (the geometry to first order,
-forward-mode AD, since session 10), and the training steps (energy with and without bf16 autocast, forces with
-create_graph) run and stay finite. The same checks ran as a script (.gpu/check.py) on a lent NVIDIA H200 in
-sessions 6 and 9 for DimeNet and DimezblNet (64 channels, 4 blocks): |dE| 6e-12, |dF| 8e-10 in float64.
-This module itself was skipped there both times: it took its molecules from the PyG-equivalence module
-(skipped where PyG's DimeNet does not import) and from qm9pack (not installed there). It now reads them
-through dimezbl_core.load_qm9 (qm9pack or the verified cache), with no PyG import; it has not run on a GPU
-since, so the DimeNet++ case has not run on a GPU yet.
+forward-mode AD), and the training steps (energy with and without bf16 autocast, forces with create_graph) run
+and stay finite. The same checks, run as a standalone script on an NVIDIA H200 for DimeNet and DimezblNet
+(64 channels, 4 blocks), gave |dE| 6e-12 and |dF| 8e-10 in float64; this module itself (which reads its
+molecules through dimezbl.load_qm9) and its DimeNet++ case have not yet run on a GPU.
 """
+
 import pytest
 import torch
 
+import dimezbl as dz
 import dimezbl_core as dc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -20,13 +19,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 def qm9_batch():
     """24 real QM9 molecules as one batch: z [N], positions [N, 3] in Angstrom (float64), batch [N]."""
     try:
-        data = dc.load_qm9()  # qm9pack, or the verified cache in data/ (a GPU node without qm9pack)
+        data = dz.load_qm9()  # qm9pack, or the verified cache in data/ (a GPU node without qm9pack)
     except ModuleNotFoundError as error:
         pytest.skip(f"no QM9 data here: {error}")
     molecules = [data[i] for i in range(1000, 1024)]
     sizes = torch.tensor([m.z.numel() for m in molecules])
-    return (torch.cat([m.z for m in molecules]), torch.cat([m.pos for m in molecules]).double(),
-            torch.repeat_interleave(torch.arange(len(molecules)), sizes))
+    return (
+        torch.cat([m.z for m in molecules]),
+        torch.cat([m.pos for m in molecules]).double(),
+        torch.repeat_interleave(torch.arange(len(molecules)), sizes),
+    )
 
 
 @pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
@@ -59,8 +61,9 @@ def test_cpu_and_cuda_give_the_same_force_training_gradients(qm9_batch, variant)
 def _compare_force_training_gradients(qm9_batch, variant, devices):
     torch.manual_seed(0)
     z, pos, batch = qm9_batch
-    model = dc.DimezblNet(hidden_channels=32, num_blocks=2, variant=variant, zbl=True,
-                          output_initializer="glorot_orthogonal").double()
+    model = dc.DimezblNet(
+        hidden_channels=32, num_blocks=2, variant=variant, zbl=True, output_initializer="glorot_orthogonal"
+    ).double()
     force_target = torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     results = {}
     for device in devices:

@@ -1,5 +1,6 @@
 """Graph construction (DESIGN.md section 2: all pairs within the cutoff, no self loops, per molecule; triplets
-k -> j -> i with k != i, PyG's semantics), against the naive references of tests/_pyg_standins.py and brute force."""
+k -> j -> i with k != i, PyG's semantics), against the naive references of bench/_pyg_standins.py and brute force."""
+
 import itertools
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from ase.build import molecule
 
 import dimezbl_core as dc
-from _pyg_standins import radius_graph_reference, triplets_reference
+from bench._pyg_standins import radius_graph_reference, triplets_reference
 
 
 def batch_of(names, spread=0.0):
@@ -31,8 +32,11 @@ def test_radius_graph_all_pairs_within_cutoff_per_molecule():
         assert ei.dtype == torch.long and ei.shape[0] == 2
         # brute force: (j, i) for i != j in the same molecule with |x_i - x_j| <= cutoff
         p = pos.numpy()
-        expected = [(j, i) for j, i in itertools.permutations(range(len(z)), 2)
-                    if batch[i] == batch[j] and np.linalg.norm(p[i] - p[j]) <= cutoff]
+        expected = [
+            (j, i)
+            for j, i in itertools.permutations(range(len(z)), 2)
+            if batch[i] == batch[j] and np.linalg.norm(p[i] - p[j]) <= cutoff
+        ]
         assert edge_set(ei) == sorted(expected), cutoff
         assert edge_set(ei) == edge_set(radius_graph_reference(pos, cutoff, batch, max_num_neighbors=10**6))
 

@@ -5,6 +5,7 @@ the forces; forces = -dE/dR checked against central finite differences; batched 
 (create_graph=True) gives parameter gradients. Small models (hidden 16, 2 blocks) with a non-zero output layer
 (output_initializer="glorot_orthogonal") so that the DimeNet part contributes, both variants, ZBL on and off.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -24,15 +25,29 @@ RTOL = 1e-10
 
 def get_molecule(name):
     atoms = molecule(name)
-    return (torch.as_tensor(atoms.numbers, dtype=torch.long),
-            torch.as_tensor(atoms.positions, dtype=torch.float64))
+    return (torch.as_tensor(atoms.numbers, dtype=torch.long), torch.as_tensor(atoms.positions, dtype=torch.float64))
 
 
 def make_model(variant, zbl, seed=0, **extra):
     torch.manual_seed(seed)
-    kw = dict(hidden_channels=16, out_channels=1, num_blocks=2, num_bilinear=4, num_spherical=7, num_radial=6,
-              cutoff=5.0, envelope_exponent=5, zbl=zbl, zbl_unit="eV", zbl_reach="cutoff", variant=variant,
-              int_emb_size=8, basis_emb_size=4, out_emb_channels=16, output_initializer="glorot_orthogonal")
+    kw = dict(
+        hidden_channels=16,
+        out_channels=1,
+        num_blocks=2,
+        num_bilinear=4,
+        num_spherical=7,
+        num_radial=6,
+        cutoff=5.0,
+        envelope_exponent=5,
+        zbl=zbl,
+        zbl_unit="eV",
+        zbl_reach="cutoff",
+        variant=variant,
+        int_emb_size=8,
+        basis_emb_size=4,
+        out_emb_channels=16,
+        output_initializer="glorot_orthogonal",
+    )
     kw.update(extra)
     model = dc.DimezblNet(**kw).double()
     model.eval()
@@ -144,6 +159,7 @@ def central_difference(model, z, pos, direction, h):
     randomly initialised DimeNet is stiff (forces ~1e4 on water), so the plain O(h^2) error at h = 1e-5 would
     reach ~1e-6 relative and blur the comparison."""
     with torch.no_grad():
+
         def d(step):
             return -(model(z, pos + step * direction)[0] - model(z, pos - step * direction)[0]) / (2 * step)
 
@@ -200,8 +216,7 @@ def test_batched_equals_one_at_a_time(variant, zbl):
     assert tuple(e_b.shape) == (len(mols),)
     e_single, f_single = zip(*[model.energy_and_forces(zm, pm) for zm, pm in mols])
     assert_close(e_b, torch.cat(e_single), msg="batched energies")
-    assert_close(f_b, torch.cat(f_single), rtol=1e-9, atol=1e-10 * (1 + float(f_b.abs().max())),
-                 msg="batched forces")
+    assert_close(f_b, torch.cat(f_single), rtol=1e-9, atol=1e-10 * (1 + float(f_b.abs().max())), msg="batched forces")
     # forward() agrees, and batch=None means one molecule
     assert_close(model(z, pos, batch).detach(), e_b.detach(), rtol=1e-13, atol=0)
     z1, p1 = mols[2]

@@ -1,9 +1,9 @@
-"""Equivalence with the reference implementation, PyG 2.8.1's ``DimeNet`` and ``DimeNetPlusPlus`` (issue 3, item 3).
+"""Equivalence with the reference implementation, PyG 2.8.1's ``DimeNet`` and ``DimeNetPlusPlus``.
 
 HOW PyG's MODEL IS RUN HERE. PyG's ``DimeNet.forward`` calls two module-level functions of
 ``torch_geometric.nn.models.dimenet`` that need compiled extensions which cannot be installed from the registries
 here: ``radius_graph`` (pyg-lib or torch-cluster) and ``triplets`` (torch-sparse's ``SparseTensor``). This test
-monkeypatches exactly those two names with small pure-torch stand-ins (tests/_pyg_standins.py: a dense
+monkeypatches exactly those two names with small pure-torch stand-ins (bench/_pyg_standins.py: a dense
 same-molecule distance mask, and a dense edge-edge match with PyG's ordering), written independently of
 dimezbl_core. Everything else in PyG's model (bases, embedding, interaction and output blocks) runs unchanged.
 
@@ -13,6 +13,7 @@ dict is loaded into ``DimezblNet(zbl=False)`` with ``dimezbl_core.load_pyg_dimen
 to rtol 1e-6 on 21 real QM9 molecules of 21 distinct sizes (3 to 26 atoms), batched and one at a time. The ZBL
 term is then checked to add exactly the independently computed sum over unordered pairs.
 """
+
 import itertools
 
 import numpy as np
@@ -20,12 +21,12 @@ import pytest
 import torch
 
 import dimezbl_core as dc
-from _pyg_standins import memoize_pyg_basis_forms, radius_graph_reference, triplets_reference
+from bench._pyg_standins import memoize_pyg_basis_forms, radius_graph_reference, triplets_reference
 
 pyg_dimenet = pytest.importorskip("torch_geometric.nn.models.dimenet")
 memoize_pyg_basis_forms()
 
-from _pyg_standins import DIMENET_KW, DIMENETPP_KW  # noqa: E402  (published hyperparameters)
+from bench._pyg_standins import DIMENET_KW, DIMENETPP_KW  # noqa: E402 (after the PyG import check above)
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +116,7 @@ def test_same_energies_as_pyg_batched_and_one_at_a_time(variant, qm9_sample_mole
     with torch.no_grad():
         for b in (0, len(mols) // 2):
             e1 = ref(mols[b]["z"], mols[b]["pos"]).reshape(-1)
-            torch.testing.assert_close(e1, e_ref[b:b + 1], rtol=1e-10, atol=0)
+            torch.testing.assert_close(e1, e_ref[b : b + 1], rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["dimenet", "dimenet++"])
@@ -124,20 +125,31 @@ def test_pyg_state_dict_keys_all_used(variant):
     ref, ours = cached_pair(variant)
     sd = ref.state_dict()
     z = torch.tensor([6, 8, 1, 1, 1, 1], dtype=torch.long)
-    pos = torch.tensor([[0.0, 0, 0], [1.43, 0, 0], [-0.36, 1.03, 0.0], [-0.36, -0.51, 0.89],
-                        [-0.36, -0.51, -0.89], [1.75, 0.9, 0.0]], dtype=torch.float64)
+    pos = torch.tensor(
+        [[0.0, 0, 0], [1.43, 0, 0], [-0.36, 1.03, 0.0], [-0.36, -0.51, 0.89], [-0.36, -0.51, -0.89], [1.75, 0.9, 0.0]],
+        dtype=torch.float64,
+    )
     with torch.no_grad():
         base = ours(z, pos).clone()
         torch.testing.assert_close(base.reshape(-1), ref(z, pos).reshape(-1), rtol=1e-6, atol=0)
     # spot-check a few kinds of tensors: frequencies, embedding-block bias, last output layer, an interaction W
-    keys = [k for k in sd if k.endswith("rbf.freq") or k.startswith("emb.lin.bias")
-            or k.endswith("output_blocks.1.lin.weight") or k.endswith("interaction_blocks.0.lin_ji.bias")]
+    keys = [
+        k
+        for k in sd
+        if k.endswith("rbf.freq")
+        or k.startswith("emb.lin.bias")
+        or k.endswith("output_blocks.1.lin.weight")
+        or k.endswith("interaction_blocks.0.lin_ji.bias")
+    ]
     assert len(keys) >= 3, keys
     for k in keys:
         sd2 = {kk: v.clone() for kk, v in sd.items()}
         sd2[k] = sd2[k] + 0.05
-        tmp = dc.DimezblNet(zbl=False, variant=variant,
-                            **(DIMENET_KW if variant == "dimenet" else DIMENETPP_KW)).double().eval()
+        tmp = (
+            dc.DimezblNet(zbl=False, variant=variant, **(DIMENET_KW if variant == "dimenet" else DIMENETPP_KW))
+            .double()
+            .eval()
+        )
         dc.load_pyg_dimenet_state_dict(tmp, sd2)
         with torch.no_grad():
             assert not torch.allclose(tmp(z, pos), base, rtol=1e-9, atol=0), f"{k} has no effect after loading"
@@ -168,11 +180,14 @@ def zbl_sum_reference(z, pos, reach, k, cutoff=5.0):
     return total
 
 
-@pytest.mark.parametrize("variant,reach,unit,k", [
-    ("dimenet", "cutoff", "eV", 14.399645),
-    ("dimenet++", "cutoff", "kcal/mol", 332.06371),
-    ("dimenet", "covalent", "eV", 14.399645),
-])
+@pytest.mark.parametrize(
+    "variant,reach,unit,k",
+    [
+        ("dimenet", "cutoff", "eV", 14.399645),
+        ("dimenet++", "cutoff", "kcal/mol", 332.06371),
+        ("dimenet", "covalent", "eV", 14.399645),
+    ],
+)
 def test_zbl_adds_exactly_the_pair_sum(variant, reach, unit, k, qm9_sample_molecules):
     mols = [m for m in qm9_sample_molecules if len(m["z"]) <= 14][::2]  # a spread of small sizes (cheap)
     ref, plain = cached_pair(variant)
@@ -220,8 +235,13 @@ def test_force_training_gradients_equal_pyg(variant, qm9_sample_molecules):
     nonzero = 0
     for key, expected in gradients[0].items():
         for ours_grad in (gradients[1][key], gradients[2][key]):
-            torch.testing.assert_close(ours_grad, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()),
-                                       msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(
+                ours_grad,
+                expected,
+                rtol=1e-7,
+                atol=1e-9 * float(expected.abs().max()),
+                msg=lambda m, key=key: f"{key}: {m}",
+            )
         nonzero += int(float(expected.abs().max()) > 0)
     assert nonzero > 20, "the gradients compared must be non-trivial"
     model_grad = gradients[1]

@@ -1,18 +1,19 @@
 """The short-range experiment: the unphysical-state detector on hand-made geometries, the GFN2-xTB
 column of the compression curve against direct tblite single points, MD stability tables with
 their provenance header, and the error when the checkpoints of `make reproduce` are missing."""
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from ase import units
 
-import dimezbl_core as dc
+import dimezbl as dz
 
 
 @pytest.fixture(scope="module")
 def ethanol():
-    return dc.md17_start_geometry("ethanol")[0]
+    return dz.md17_start_geometry("ethanol")[0]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,27 @@ def ethanol_checkpoints(ethanol_smoke_run, tmp_path_factory):
         if key in checkpoint:
             checkpoint[key] = {**checkpoint[key], "zbl.scale": torch.ones(())}
     dimezblnet = tmp_path_factory.mktemp("dimezblnet") / "checkpoint_best.pt"
-    dc.atomic_torch_save(checkpoint, dimezblnet)
-    return pd.DataFrame([{"molecule": "ethanol", "model": "dimenet", "checkpoint": str(dimenet),
-                          "run_dir": str(config.run_dir), "profile": "smoke", "git_commit": "abc123"},
-                         {"molecule": "ethanol", "model": "dimezblnet", "checkpoint": str(dimezblnet),
-                          "run_dir": str(dimezblnet.parent), "profile": "smoke", "git_commit": "abc123"}])
+    dz.atomic_torch_save(checkpoint, dimezblnet)
+    return pd.DataFrame(
+        [
+            {
+                "molecule": "ethanol",
+                "model": "dimenet",
+                "checkpoint": str(dimenet),
+                "run_dir": str(config.run_dir),
+                "profile": "smoke",
+                "git_commit": "abc123",
+            },
+            {
+                "molecule": "ethanol",
+                "model": "dimezblnet",
+                "checkpoint": str(dimezblnet),
+                "run_dir": str(dimezblnet.parent),
+                "profile": "smoke",
+                "git_commit": "abc123",
+            },
+        ]
+    )
 
 
 def moved(atoms, index, new_position):
@@ -43,39 +60,39 @@ def moved(atoms, index, new_position):
 def test_unphysical_state_on_hand_made_geometries(ethanol):
     symbols = ethanol.get_chemical_symbols()
     c, h = symbols.index("C"), symbols.index("H")
-    bonds = dc.bond_graph(ethanol)
+    bonds = dz.bond_graph(ethanol)
     bonded_h = next(j for i, j in sorted(bonds) if i == c and symbols[j] == "H")
     positions = ethanol.get_positions()
-    assert dc.unphysical_state(positions, ethanol) is None  # the start itself
+    assert dz.unphysical_state(positions, ethanol) is None  # the start itself
     rattled = positions + np.random.default_rng(0).normal(scale=0.05, size=positions.shape)
-    assert dc.unphysical_state(rattled, ethanol) is None  # thermal-size displacements
+    assert dz.unphysical_state(rattled, ethanol) is None  # thermal-size displacements
     # an atom 0.4 A from another
     direction = positions[h] - positions[c]
     close = moved(ethanol, h, positions[c] + 0.4 * direction / np.linalg.norm(direction))
-    assert dc.unphysical_state(close, ethanol).startswith("close contact")
+    assert dz.unphysical_state(close, ethanol).startswith("close contact")
     # a C-H bond stretched to 2.1x its length (the H far from everything else)
     stretch = positions[bonded_h] - positions[c]
     far = moved(ethanol, bonded_h, positions[c] + 2.1 * stretch)
-    reason = dc.unphysical_state(far, ethanol)
+    reason = dz.unphysical_state(far, ethanol)
     assert reason.startswith("bond broken") and f"{c}-{bonded_h}" in reason
     within = moved(ethanol, bonded_h, positions[c] + 1.9 * stretch)
-    assert not (dc.unphysical_state(within, ethanol) or "").startswith("bond broken")
+    assert not (dz.unphysical_state(within, ethanol) or "").startswith("bond broken")
     # two hydrogens of one carbon at 0.6 A: a new H-H bond (not a close contact)
     other_h = next(j for i, j in sorted(bonds) if i == c and symbols[j] == "H" and j != bonded_h)
     toward = positions[other_h] - positions[bonded_h]
     new_bond = moved(ethanol, other_h, positions[bonded_h] + 0.6 * toward / np.linalg.norm(toward))
-    assert dc.unphysical_state(new_bond, ethanol).startswith("new bond")
-    assert dc.unphysical_state(np.full_like(positions, np.nan), ethanol).startswith("not finite")
+    assert dz.unphysical_state(new_bond, ethanol).startswith("new bond")
+    assert dz.unphysical_state(np.full_like(positions, np.nan), ethanol).startswith("not finite")
 
 
 def test_element_pair_bonds_one_per_pair_with_hydrogen_moving():
-    uracil = dc.md17_start_geometry("uracil")[0]
+    uracil = dz.md17_start_geometry("uracil")[0]
     symbols = uracil.get_chemical_symbols()
-    bonds = dc.element_pair_bonds(uracil)
+    bonds = dz.element_pair_bonds(uracil)
     pairs = ["-".join(sorted((symbols[i], symbols[j]))) for i, j in bonds]
     assert pairs == sorted(set(pairs)) and {"C-H", "C-C", "C-N", "C-O", "H-N"} <= set(pairs)
     assert all(symbols[j] == "H" for i, j in bonds if "H" in (symbols[i], symbols[j]))
-    assert all(tuple(sorted(b)) in dc.bond_graph(uracil) for b in bonds)
+    assert all(tuple(sorted(b)) in dz.bond_graph(uracil) for b in bonds)
 
 
 def test_xtb_column_equals_direct_tblite_single_points(ethanol_checkpoints, ethanol):
@@ -83,11 +100,12 @@ def test_xtb_column_equals_direct_tblite_single_points(ethanol_checkpoints, etha
 
     dimezblnet = ethanol_checkpoints["checkpoint"].iloc[1]
     distances = np.array([0.6, 1.0, 1.5])
-    curve = dc.compression_curve_with_reference(dimezblnet, ("C", "H"), ethanol, distances,
-                                                dimenet_checkpoint=ethanol_checkpoints["checkpoint"].iloc[0])
+    curve = dz.compression_curve_with_reference(
+        dimezblnet, ("C", "H"), ethanol, distances, dimenet_checkpoint=ethanol_checkpoints["checkpoint"].iloc[0]
+    )
     assert curve.attrs["unit"] == "kcal/mol"
     assert {"distance_a", "DimezblNet", "DimeNet", "GFN2-xTB"} <= set(curve.columns)
-    i, j = dc._bond_atoms(ethanol, ("C", "H"))
+    i, j = dz.compression._bond_atoms(ethanol, ("C", "H"))
     unit_vector = (ethanol.positions[j] - ethanol.positions[i]) / ethanol.get_distance(i, j)
 
     def direct_ev(r):
@@ -105,21 +123,41 @@ def test_xtb_column_equals_direct_tblite_single_points(ethanol_checkpoints, etha
 
 def test_md_stability_tables_and_figures(ethanol_checkpoints, tmp_path):
     """1 molecule x 1 temperature x 2 models (+ the GFN2-xTB reference) x 2 ensembles, 20 steps."""
-    result = dc.shortrange_experiment("smoke", ["ethanol"], checkpoints=ethanol_checkpoints, seeds=[0], n_steps=20,
-                                      temperatures_k=[500.0], compression=False, results_dir=tmp_path,
-                                      progress=False)
+    result = dz.shortrange_experiment(
+        "smoke",
+        ["ethanol"],
+        checkpoints=ethanol_checkpoints,
+        seeds=[0],
+        n_steps=20,
+        temperatures_k=[500.0],
+        compression=False,
+        results_dir=tmp_path,
+        progress=False,
+    )
     trajectories = result["trajectories"]
     assert len(trajectories) == 6 and set(trajectories["model"]) == {"dimenet", "dimezblnet", "gfn2-xtb"}
     summary = pd.read_csv(tmp_path / "shortrange" / "md_stability.csv", comment="#")
-    assert list(summary.columns) == ["model", "ensemble", "temperature_k", "molecules", "trajectories", "unphysical",
-                                     "unphysical_percent", "median_failure_time_fs", "reasons",
-                                     "median_abs_drift_ev_atom_ps", "max_energy_error_ev_atom", "simulated_time_fs"]
+    assert list(summary.columns) == [
+        "model",
+        "ensemble",
+        "temperature_k",
+        "molecules",
+        "trajectories",
+        "unphysical",
+        "unphysical_percent",
+        "median_failure_time_fs",
+        "reasons",
+        "median_abs_drift_ev_atom_ps",
+        "max_energy_error_ev_atom",
+        "simulated_time_fs",
+    ]
     assert len(summary) == 6 and (summary["trajectories"] == 1).all() and (summary["simulated_time_fs"] == 10).all()
     # 10 fs of NVE at 500 K from the xTB minimum: GFN2-xTB conserves energy
     xtb_nve = trajectories[(trajectories["model"] == "gfn2-xtb") & (trajectories["ensemble"] == "nve")].iloc[0]
     assert not xtb_nve["unphysical"] and xtb_nve["max_energy_error_ev_atom"] < 1e-3
-    header = [line for line in (tmp_path / "shortrange" / "md_stability.md").read_text().splitlines()
-              if line.startswith("- ")]
+    header = [
+        line for line in (tmp_path / "shortrange" / "md_stability.md").read_text().splitlines() if line.startswith("- ")
+    ]
     for field in ("Checkpoints:", "Budget:", "Reference:", "Unphysical state:", "Hardware:", "Written at git commit"):
         assert any(line.startswith(f"- {field}") for line in header), field
     budget = next(line for line in header if line.startswith("- Budget:"))
@@ -132,9 +170,9 @@ def test_md_stability_tables_and_figures(ethanol_checkpoints, tmp_path):
 
 def test_md_trajectory_flags_a_molecule_torn_apart(ethanol_checkpoints):
     """At 100,000 K bonds break within a few fs; the trajectory stops and says why."""
-    calculator = dc.DimezblCalculator.from_checkpoint(ethanol_checkpoints["checkpoint"].iloc[0])
-    atoms = dc.md17_start_geometry("ethanol")[0]
-    result = dc.md_trajectory(atoms, calculator, "nve", temperature_k=1e5, seed=0, n_steps=200, check_every=5)
+    calculator = dz.DimezblCalculator.from_checkpoint(ethanol_checkpoints["checkpoint"].iloc[0])
+    atoms = dz.md17_start_geometry("ethanol")[0]
+    result = dz.md_trajectory(atoms, calculator, "nve", temperature_k=1e5, seed=0, n_steps=200, check_every=5)
     assert result["unphysical"] and result["steps"] < 200
     assert result["reason"].split(":")[0] in ("bond broken", "close contact", "new bond", "calculator error")
     assert result["failure_time_fs"] == result["steps"] * 0.5
@@ -142,6 +180,10 @@ def test_md_trajectory_flags_a_molecule_torn_apart(ethanol_checkpoints):
 
 def test_missing_checkpoints_name_make_reproduce(tmp_path):
     with pytest.raises(FileNotFoundError, match="make reproduce PROFILE=smoke"):
-        dc.shortrange_checkpoints("smoke", ["ethanol"], results_dir=tmp_path)
-    assert dc.shortrange_main(["--profile", "smoke", "--molecules", "ethanol", "--results-dir", str(tmp_path),
-                               "--no-progress"]) == 2
+        dz.shortrange_checkpoints("smoke", ["ethanol"], results_dir=tmp_path)
+    assert (
+        dz.shortrange_main(
+            ["--profile", "smoke", "--molecules", "ethanol", "--results-dir", str(tmp_path), "--no-progress"]
+        )
+        == 2
+    )

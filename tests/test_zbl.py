@@ -5,6 +5,7 @@ pair_zbl_const.h; k = 14.399645 eV*A (LAMMPS metal units) or 332.06371 kcal/mol*
 Switches: the DimeNet polynomial envelope (p = 6) at the model cutoff or at the sum of ase's covalent radii, and
 LAMMPS `pair_style zbl inner outer` (pair_zbl.cpp: set_coeff / compute), all re-derived here.
 """
+
 import itertools
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from ase.build import molecule
 from ase.data import covalent_radii
 
+import dimezbl as dz
 import dimezbl_core as dc
 
 K_EV = 14.399645
@@ -249,7 +251,6 @@ def test_switched_zbl_is_smooth_at_switch_points_and_zero_beyond(reach, kw):
         for s in points:
             delta = 1e-6
             e, g = energy_and_grad(f, np.array([s - delta, s + delta]))
-            scale_e = abs(zbl_ref(zi, zj, s)[0]) + 1.0
             scale_g = abs(zbl_ref(zi, zj, s)[1]) + 1.0
             # continuous energy and force: the jumps across the switch point are O(delta)
             assert abs(e[1] - e[0]) < 10 * delta * scale_g, (reach, zi, zj, s, e)
@@ -357,15 +358,19 @@ def test_zbl_term_summary_is_learned_weight_times_molecule_zbl_energy():
         z_np, pos = atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64)
         samples.append(SimpleNamespace(z=Z(z_np), pos=T(pos, torch.float32)))
         pos = pos.astype(np.float32).astype(np.float64)  # the positions the model sees
-        reference.append(sum(switched_ref(z_np[i], z_np[j], np.linalg.norm(pos[i] - pos[j]), "cutoff")[0]
-                             for i, j in itertools.combinations(range(len(z_np)), 2)
-                             if np.linalg.norm(pos[i] - pos[j]) <= 5.0))
+        reference.append(
+            sum(
+                switched_ref(z_np[i], z_np[j], np.linalg.norm(pos[i] - pos[j]), "cutoff")[0]
+                for i, j in itertools.combinations(range(len(z_np)), 2)
+                if np.linalg.norm(pos[i] - pos[j]) <= 5.0
+            )
+        )
     reference = np.array(reference)
     model = dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=True, zbl_learnable_scale=True)
     with torch.no_grad():
         model.zbl.scale.fill_(-0.003)
     data = SimpleNamespace(config=SimpleNamespace(dataset="qm9", target="homo"), test=samples)
-    term = dc.zbl_term_summary(model, data, "test")
+    term = dz.zbl_term_summary(model, data, "test")
     assert term["n_molecules"] == len(names) and term["zbl_weight_learned"]
     np.testing.assert_allclose(term["zbl_weight"], -0.003, rtol=1e-6)
     np.testing.assert_allclose(term["zbl_energy"]["mean"], reference.mean(), rtol=1e-11)
@@ -376,4 +381,4 @@ def test_zbl_term_summary_is_learned_weight_times_molecule_zbl_energy():
     np.testing.assert_allclose(term["contribution"]["std"], 1000 * abs(weight) * reference.std(), rtol=1e-9)
     assert model.zbl.scale.item() == pytest.approx(-0.003)  # the model's own weight is untouched
     with pytest.raises(ValueError, match="no ZBL term"):
-        dc.zbl_term_summary(dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=False), data, "test")
+        dz.zbl_term_summary(dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=False), data, "test")

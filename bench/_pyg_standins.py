@@ -6,11 +6,13 @@ deliberately naive (dense O(N^2) / O(E^2) matching, obviously correct) and indep
 the reference against which ``dimezbl_core.radius_graph`` / ``dimezbl_core.triplets`` are tested, and they are
 monkeypatched into PyG's module so that PyG's own ``DimeNet.forward`` runs unchanged otherwise.
 """
+
 import torch
 
 
-def radius_graph_reference(x, r, batch=None, loop=False, max_num_neighbors=32, flow="source_to_target",
-                           num_workers=1, batch_size=None):
+def radius_graph_reference(
+    x, r, batch=None, loop=False, max_num_neighbors=32, flow="source_to_target", num_workers=1, batch_size=None
+):
     """All ordered pairs (j -> i) of atoms of the same molecule with |x_i - x_j| <= r, without self loops.
 
     Returns edge_index [2, E] with row = source j, col = target i (PyG's ``flow="source_to_target"``), sorted by
@@ -53,7 +55,7 @@ def triplets_reference(edge_index, num_nodes):
 
 def memoize_pyg_basis_forms():
     """PyG's SphericalBasisLayer rebuilds its sympy closed forms (``bessel_basis``: ~12 s for 7 x 6) in every
-    constructor. They are pure functions of (num_spherical, num_radial), so cache them once per session (the layer
+    constructor. They are pure functions of (num_spherical, num_radial), so cache them once per process (the layer
     imports them from ``dimenet_utils`` at construction time, so patching the module attributes suffices)."""
     import functools
 
@@ -66,9 +68,31 @@ def memoize_pyg_basis_forms():
 
 
 # DimeNet's and DimeNet++'s published hyperparameters (shared by the equivalence test and the benchmark).
-DIMENET_KW = dict(hidden_channels=128, out_channels=1, num_blocks=6, num_bilinear=8, num_spherical=7,
-                  num_radial=6, cutoff=5.0, envelope_exponent=5, num_before_skip=1, num_after_skip=2,
-                  num_output_layers=3)
-DIMENETPP_KW = dict(hidden_channels=128, out_channels=1, num_blocks=4, int_emb_size=64, basis_emb_size=8,
-                    out_emb_channels=256, num_spherical=7, num_radial=6, cutoff=5.0, envelope_exponent=5,
-                    num_before_skip=1, num_after_skip=2, num_output_layers=3)
+DIMENET_KW = dict(
+    hidden_channels=128,
+    out_channels=1,
+    num_blocks=6,
+    num_bilinear=8,
+    num_spherical=7,
+    num_radial=6,
+    cutoff=5.0,
+    envelope_exponent=5,
+    num_before_skip=1,
+    num_after_skip=2,
+    num_output_layers=3,
+)
+DIMENETPP_KW = dict(
+    hidden_channels=128,
+    out_channels=1,
+    num_blocks=4,
+    int_emb_size=64,
+    basis_emb_size=8,
+    out_emb_channels=256,
+    num_spherical=7,
+    num_radial=6,
+    cutoff=5.0,
+    envelope_exponent=5,
+    num_before_skip=1,
+    num_after_skip=2,
+    num_output_layers=3,
+)
