@@ -18,7 +18,8 @@ runner          running a profile's models, collecting runs, loading trained mod
 tables          Tables 1 and 2 (the paper's values quoted, this project's beside them)
 figures         PNG figures of the bases, ZBL, learning curves, parity, compression curves
 reproduction    the numbered notebooks run headless by papermill (`make reproduce`)
-calculator      the ASE calculator (energies and Eq. 11 forces)
+calculator      the ASE calculator (energies and Eq. 11 forces) and the seed committee
+shipped         shipped potentials: weights-only files loaded by name (`dimezbl models`)
 export          TorchScript export of a trained potential
 compression     bond compression curves of trained models against GFN2-xTB
 shortrange      MD stability and the whole short-range experiment (`make shortrange`)
@@ -101,6 +102,7 @@ _API = {
         "generate_md17_main",
     ),
     "config": (
+        "DATASETS",
         "QM9_ENERGY_TARGETS",
         "TrainConfig",
         "SMOKE_MODEL",
@@ -222,9 +224,34 @@ _API = {
         "reproduce",
         "reproduce_main",
     ),
+    "own_data": (
+        "ENERGY_UNITS",
+        "DEFAULT_SPLIT_FRACTIONS",
+        "DB_SUFFIXES",
+        "training_unit",
+        "StructureDataset",
+        "load_structures",
+        "structure_split",
+        "file_fingerprint",
+    ),
     "calculator": (
         "energy_unit_in_ev",
         "DimezblCalculator",
+        "DimezblCommittee",
+    ),
+    "shipped": (
+        "POTENTIALS_DIR",
+        "POTENTIAL_FORMAT",
+        "SAMPLE_FILE",
+        "SAMPLE_SIZE",
+        "Potential",
+        "list_pretrained",
+        "pretrained",
+        "pretrained_calculator",
+        "sample_mae",
+        "ship_potential",
+        "check_pretrained",
+        "models_main",
     ),
     "export": (
         "EXPORT_FORMAT",

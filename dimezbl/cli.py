@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import PROFILES, TrainConfig, config_from_file, parse_set_arguments, profile_config
+from .config import DATASETS, PROFILES, TrainConfig, config_from_file, parse_set_arguments, profile_config
 from .export import export_model
 from .files import REPOSITORY_ROOT, atomic_write_bytes
 from .md17_generate import generate_md17_main
@@ -24,7 +24,28 @@ def add_train_arguments(parser):
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a YAML or JSON file of TrainConfig fields, e.g. a run's config.json (retrains that "
                         "run); the options below override it")  # fmt: skip
-    parser.add_argument("--dataset", choices=("qm9", "md17"), default=None, help="required without --config")
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="required without --config; file: your own data (--data-file, --energy-unit)",
+    )
+    parser.add_argument(
+        "--data-file",
+        default=None,
+        metavar="FILE",
+        help="dataset file: an extended-XYZ file or an ASE database (.db, .json)",
+    )
+    parser.add_argument(
+        "--energy-unit",
+        default=None,
+        help="dataset file: the unit of its energies (eV, meV, "
+        "Hartree, kcal/mol, kJ/mol); forces in that unit per Angstrom",
+    )
+    parser.add_argument("--energy-key", default=None, help="dataset file: the energy key (default energy)")
+    parser.add_argument("--forces-key", default=None, help="dataset file: the forces key (default forces, optional)")
+    parser.add_argument("--split-file", default=None, help="dataset file: JSON of train/valid/test frame indices "
+                        "(default: --set split_fractions=[0.8,0.1,0.1])")  # fmt: skip
     parser.add_argument("--target", default=None, help="QM9 target (U0, mu, ...) or MD17 molecule; required "
                         "without --config")  # fmt: skip
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default smoke")
@@ -122,13 +143,16 @@ def config_from_arguments(args) -> TrainConfig:
     overrides = parse_set_arguments(args.set)
     if args.device is not None and overrides.get("device", args.device) != args.device:
         raise ValueError(f"--device {args.device} and --set device={overrides['device']} disagree: give one of them")
-    for key in ("device", "out_dir", "data_dir", "dataset", "target", "profile", "seed"):
+    for key in ("device", "out_dir", "data_dir", "dataset", "target", "profile", "seed", "data_file", "energy_unit",
+                "energy_key", "forces_key", "split_file"):  # fmt: skip
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.no_zbl:
         overrides["zbl"] = False
     if args.config is not None:
         return config_from_file(args.config, **overrides)
+    if overrides.get("dataset") == "file" and "target" not in overrides and overrides.get("data_file"):
+        overrides["target"] = Path(overrides["data_file"]).stem  # the data's name in the run directory
     missing = [f"--{key}" for key in ("dataset", "target") if key not in overrides]
     if missing:
         raise ValueError(f"{' and '.join(missing)} needed (or --config FILE holding them)")
@@ -140,8 +164,8 @@ def config_from_arguments(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    """`dimezbl {train,evaluate,export,shortrange,generate-md17,run-models,reproduce,fair,zbl-term,readme-tables} ...`
-    (see --help); `python -m dimezbl` is the same."""
+    """`dimezbl {train,evaluate,export,models,shortrange,generate-md17,run-models,reproduce,fair,zbl-term,
+    readme-tables} ...` (see --help); `python -m dimezbl` is the same."""
     import argparse
     import sys
 
@@ -154,6 +178,10 @@ def main(argv=None) -> int:
         return shortrange_main(argv[1:])
     if argv[:1] == ["run-models"]:
         return run_models_main(argv[1:])
+    if argv[:1] == ["models"]:
+        from .shipped import models_main
+
+        return models_main(argv[1:])
     if argv[:1] == ["fair"]:
         from .fair import main as fair_main
 
@@ -189,6 +217,7 @@ def main(argv=None) -> int:
     sub.add_parser(
         "fair", help="the matched-start test of the paper's claim: fair {train,report,shortrange} (see its --help)"
     )
+    sub.add_parser("models", help="list the shipped potentials (name, seeds, test MAE)")
     zbl_parser = sub.add_parser(
         "zbl-term",
         help="write zbl_term.json (learned ZBL weight and what the term "

@@ -14,6 +14,9 @@ from dimezbl_core import DimezblNet
 
 from .data import MD17_MOLECULES, MD17_SOURCES, QM9_TARGETS
 from .files import REPOSITORY_ROOT
+from .own_data import ENERGY_UNITS
+
+DATASETS = ("qm9", "md17", "file")
 
 QM9_ENERGY_TARGETS = ("U0", "U", "H", "G")  # total (atomization) energies: ZBL enters in eV
 
@@ -33,13 +36,20 @@ class TrainConfig:
     kcal/mol/A).
     """
 
-    dataset: str = "qm9"  # "qm9" or "md17"
-    target: str = "U0"  # a QM9 target of QM9_TARGETS, or an MD17 molecule
+    dataset: str = "qm9"  # "qm9", "md17" or "file" (your own data: data_file)
+    target: str = "U0"  # a QM9 target of QM9_TARGETS, an MD17 molecule, or a name for the data of a file
     zbl: bool = True  # False: the plain DimeNet baseline
     profile: str = "custom"
     model: dict = field(default_factory=dict)  # DimezblNet keyword overrides
     md17_source: str = "generated"
     md17_path: Optional[str] = None  # an npz file instead of the default place of md17_source
+    # dataset "file": an extended-XYZ file or an ASE database (own_data.load_structures), its keys and energy unit
+    data_file: Optional[str] = None
+    energy_key: Optional[str] = None  # None: "energy"
+    forces_key: Optional[str] = None  # None: "forces" where the frames have them, else energies only
+    energy_unit: Optional[str] = None  # required for files: eV, meV, Hartree, kcal/mol or kJ/mol
+    split_fractions: Optional[list] = None  # files: [train, valid, test] (None: 0.8, 0.1, 0.1)
+    split_file: Optional[str] = None  # files: JSON {"train": [...], "valid": [...], "test": [...]} frame indices
     n_train: Optional[int] = None  # None: DimeNet's sizes (QM9 110,000; MD17 1,000)
     n_valid: Optional[int] = None  # None: QM9 10,000; MD17 1,000
     n_test: Optional[int] = None  # None: the rest
@@ -117,7 +127,29 @@ class TrainConfig:
             if not (value is None and optional) and value not in choices:
                 fail(name, f"use one of {list(choices)}" + (" or null" if optional else ""))
 
-        choice("dataset", ("qm9", "md17"))
+        choice("dataset", DATASETS)
+        if self.dataset == "file":
+            if not isinstance(self.data_file, str) or not self.data_file:
+                fail("data_file", "dataset 'file' needs the path of an extended-XYZ file or an ASE database")
+            if self.energy_unit not in ENERGY_UNITS:
+                fail("energy_unit", f"state the unit of the file's energies: one of {list(ENERGY_UNITS)}")
+            if not isinstance(self.target, str) or not self.target or "/" in self.target:
+                fail("target", "name the data of the file (a name without '/', e.g. the file's stem)")
+        for name in ("data_file", "energy_key", "forces_key", "split_file"):
+            if getattr(self, name) is not None and (
+                not isinstance(getattr(self, name), str) or not getattr(self, name)
+            ):
+                fail(name, "it must be null or a non-empty string")
+        if self.energy_unit is not None and self.energy_unit not in ENERGY_UNITS:
+            fail("energy_unit", f"use one of {list(ENERGY_UNITS)} or null")
+        if self.split_fractions is not None and (
+            not isinstance(self.split_fractions, (list, tuple))
+            or len(self.split_fractions) != 3
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f >= 0 for f in self.split_fractions)
+            or sum(self.split_fractions) > 1 + 1e-9
+            or min(self.split_fractions[:2]) <= 0
+        ):
+            fail("split_fractions", "it must be [train, valid, test] fractions, train and valid > 0, summing to <= 1")
         if self.dataset == "qm9" and self.target not in QM9_TARGETS:
             fail("target", f"use one of the QM9 targets {list(QM9_TARGETS)}")
         if self.dataset == "md17" and (not isinstance(self.target, str) or self.target not in MD17_MOLECULES):
@@ -285,7 +317,11 @@ def profile_config(
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: use one of {sorted(PROFILES)}")
     values = {k: v for k, v in PROFILES[profile].items() if k not in ("qm9", "md17")}
-    values.update(PROFILES[profile].get(dataset, {}))
+    if dataset == "file":  # the MD17 settings of the profile, the split from split_fractions or split_file
+        sizes = ("n_train", "n_valid", "n_test")
+        values.update({k: v for k, v in PROFILES[profile].get("md17", {}).items() if k not in sizes})
+    else:
+        values.update(PROFILES[profile].get(dataset, {}))
     values.update(dataset=dataset, target=target, zbl=zbl, seed=seed, profile=profile)
     fields = {key: value for key, value in overrides.items() if not key.startswith("model.")}
     values.update(fields)

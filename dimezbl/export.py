@@ -270,7 +270,7 @@ def export_model(source, path, dtype=None, restrict_elements: bool = True) -> di
         model = build_model(config)
         model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
         offset, elements = checkpoint.get("offset", (0.0, 0.0)), checkpoint.get("elements")
-        unit = reporting_unit(config)["energy"] if config.dataset == "md17" else "eV"
+        unit = reporting_unit(config)["energy"] if config.dataset != "qm9" else "eV"
         dtype = dtype or getattr(torch, config.dtype)
         origin = {
             "source": str(source),

@@ -40,6 +40,7 @@ from .data import (
     subset_split,
 )
 from .files import atomic_write_json, repository_path
+from .own_data import load_structures, structure_split, training_unit
 
 # --- optimisation pieces ---
 
@@ -135,7 +136,8 @@ def collate(samples, target_index: Optional[int] = None, offset=(0.0, 0.0)) -> B
     batch = torch.repeat_interleave(torch.arange(len(samples)), counts)
     offset_energy = offset_energies(offset, z, batch, len(samples))
     target = (raw_targets(samples, target_index) - offset_energy).float()
-    forces = torch.cat([s.forces for s in samples]).float() if target_index is None else None
+    with_forces = target_index is None and getattr(samples[0], "forces", None) is not None
+    forces = torch.cat([s.forces for s in samples]).float() if with_forces else None
     return Batch(z, pos, batch, target, forces=forces, num_atoms=counts, offset_energy=offset_energy)
 
 
@@ -261,8 +263,14 @@ class RunData:
             train, valid, test = md17_split(len(full), n_train, n_valid, seed=config.split_seed)
             split = (train, valid, test[: config.n_test] if config.n_test else test)
             self.target_index = None
+        elif config.dataset == "file":
+            full = load_structures(repository_path(config.data_file), config.energy_unit, config.energy_key,
+                                   config.forces_key)  # fmt: skip
+            split = structure_split(len(full), config.split_fractions, repository_path(config.split_file),
+                                    config.split_seed)  # fmt: skip
+            self.target_index = None
         else:
-            raise ValueError(f"unknown dataset {config.dataset!r}: use 'qm9' or 'md17'")
+            raise ValueError(f"unknown dataset {config.dataset!r}: use 'qm9', 'md17' or 'file'")
         self.train, self.valid, self.test = (full[np.asarray(s)] for s in split)
         self.data_sha256 = full.content_sha256()  # of the whole set the splits were taken from
         kind = config.target_offset or ("none" if config.dataset == "qm9" else "mean_per_atom")
@@ -306,7 +314,7 @@ class RunData:
         samples = [subset[i] for i in range(len(subset))]
         train_mean = raw_targets([self.train[i] for i in range(len(self.train))], self.target_index).mean()
         mae = {"energy": float((raw_targets(samples, self.target_index) - train_mean).abs().mean())}
-        if self.target_index is None:  # the mean force is zero
+        if self.target_index is None and getattr(samples[0], "forces", None) is not None:  # the mean force is zero
             mae["forces"] = float(torch.cat([s.forces for s in samples]).abs().mean())
         return mae
 
@@ -318,6 +326,8 @@ def build_model(config: TrainConfig) -> DimezblNet:
     kwargs = dict(config.model)
     if config.dataset == "md17":
         kwargs.setdefault("zbl_unit", "kcal/mol")
+    elif config.dataset == "file":
+        kwargs.setdefault("zbl_unit", training_unit(config.energy_unit))
     else:
         kwargs.setdefault("zbl_unit", "eV")
         # ZBL is an energy: for non-energy targets its weight is learnable and starts at 0
@@ -377,6 +387,9 @@ def to_reporting_units(metrics: dict, config: TrainConfig) -> dict:
 def reporting_unit(config: TrainConfig) -> dict:
     if config.dataset == "qm9":
         return {"energy": QM9_REPORTING_UNITS[config.target]}
+    if config.dataset == "file":
+        unit = training_unit(config.energy_unit)
+        return {"energy": unit, "forces": f"{unit}/A"}
     return {"energy": "kcal/mol", "forces": "kcal/mol/A"}
 
 
@@ -662,8 +675,9 @@ def finish_run(config, data, run_dir, device, state, stop_reason, model, rank=0,
             "train_wall_time_s": round(state["train_time_s"], 2), "world_size": world_size,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "data": {"dataset": config.dataset, "target": config.target,
-                     "source": "qm9pack (QM9, B3LYP/6-31G(2df,p))" if config.dataset == "qm9"
-                     else f"MD17 source={config.md17_source}",
+                     "source": {"qm9": "qm9pack (QM9, B3LYP/6-31G(2df,p))",
+                                "md17": f"MD17 source={config.md17_source}",
+                                "file": f"file {config.data_file} ({config.energy_unit})"}[config.dataset],
                      "content_sha256": data.data_sha256},
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })  # fmt: skip

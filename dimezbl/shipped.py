@@ -1,0 +1,301 @@
+"""Shipped potentials: trained models in the repository as weights-only files, loaded by name.
+
+Each potential is `<POTENTIALS_DIR>/<dataset>/<target>/<model>/seed<k>.pt` (the EMA weights of a run's best
+checkpoint as a float32 state dict, loaded with `weights_only=True`) beside `seed<k>.json`: the run's config,
+offsets, energy unit, elements, test MAE, data content sha256, commit, and the sha256 of the weights file, checked
+on every load. Names are `<dataset>/<target>/<model>`, e.g. "md17/malonaldehyde/dimezblnet_switched";
+`list_pretrained()` (CLI `dimezbl models`) lists them.
+
+Each data set's shipped sample (`<dataset>/<target>/test_sample.npz`: configurations of the run's test split,
+their indices and the data's content sha256) lets anyone check a potential without the data set: every
+potential's metadata records its MAE on that sample (`sample_mae`), which `check_pretrained` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from dimezbl_core import DimezblNet
+
+from .calculator import DimezblCalculator, DimezblCommittee
+from .checkpoints import git_state, load_checkpoint
+from .config import TrainConfig
+from .files import atomic_write_bytes, atomic_write_json, portable_path
+from .training import build_model, evaluate, offset_energies, reporting_unit, to_reporting_units
+
+POTENTIALS_DIR = Path(__file__).resolve().parent / "potentials"
+POTENTIAL_FORMAT = "dimezbl-potential/1"
+SAMPLE_FILE = "test_sample.npz"
+SAMPLE_SIZE = 64  # configurations of the test split shipped per data set
+
+
+@dataclass
+class Potential:
+    """A loaded shipped potential: the model (float32, eval mode, EMA weights) and its metadata."""
+
+    name: str
+    seed: int
+    model: DimezblNet
+    metadata: dict
+
+    @property
+    def offset(self) -> list:
+        return self.metadata["offset"]
+
+    @property
+    def energy_unit(self) -> str:
+        return self.metadata["energy_unit"]
+
+    def calculator(self, device: str = "cpu", dtype=torch.float64) -> DimezblCalculator:
+        """An ASE calculator of this potential (eV, eV/A; float64 by default, as for MD)."""
+        return DimezblCalculator(
+            self.model,
+            energy_unit=self.energy_unit,
+            offset=self.offset,
+            elements=self.metadata["elements"],
+            device=device,
+            dtype=dtype,
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _entries(root=None) -> dict:
+    """{name: {seed: metadata path}} of every shipped potential under `root`."""
+    root = Path(root) if root is not None else POTENTIALS_DIR
+    entries: dict = {}
+    for meta in sorted(root.glob("*/*/*/seed*.json")):
+        name = "/".join(meta.relative_to(root).parts[:3])
+        entries.setdefault(name, {})[int(meta.stem[len("seed") :])] = meta
+    return entries
+
+
+def list_pretrained(root=None) -> list:
+    """One row per shipped potential: name, dataset, target, model, seeds, energy unit and the mean test MAE over
+    its seeds (reporting units), as dicts."""
+    rows = []
+    for name, seeds in _entries(root).items():
+        metas = [json.loads(path.read_text()) for _, path in sorted(seeds.items())]
+        test = [m["test_mae"] for m in metas]
+        row = {
+            "name": name,
+            "dataset": metas[0]["dataset"],
+            "target": metas[0]["target"],
+            "model": metas[0]["model"],
+            "seeds": sorted(seeds),
+            "energy_unit": metas[0]["units"]["energy"],
+        }
+        for key in test[0]:
+            row[f"test_{key}"] = float(np.mean([t[key] for t in test]))
+        rows.append(row)
+    return rows
+
+
+def _resolve(name: str, seed: int, root=None) -> Path:
+    entries = _entries(root)
+    if name not in entries:
+        known = ", ".join(entries) or "none (nothing is shipped here)"
+        raise KeyError(f"no shipped potential named {name!r}; shipped: {known}")
+    if seed not in entries[name]:
+        raise KeyError(f"{name} has no seed {seed}; shipped seeds: {sorted(entries[name])}")
+    return entries[name][seed]
+
+
+def pretrained(name: str, seed: int = 0, root=None) -> Potential:
+    """The shipped potential `name` ("<dataset>/<target>/<model>", see `list_pretrained`) of training seed `seed`.
+    Its weights file must match the sha256 in its metadata."""
+    meta_path = _resolve(name, seed, root)
+    metadata = json.loads(meta_path.read_text())
+    if metadata.get("format") != POTENTIAL_FORMAT:
+        raise ValueError(f"{meta_path} is not a {POTENTIAL_FORMAT} file (format {metadata.get('format')!r})")
+    weights_path = meta_path.with_suffix(".pt")
+    if not weights_path.exists():
+        raise FileNotFoundError(f"{weights_path} is missing: restore it from git (git checkout -- {weights_path})")
+    digest = _sha256_file(weights_path)
+    if digest != metadata["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path} has sha256 {digest[:16]}..., its metadata {metadata['weights_sha256'][:16]}...: the "
+            f"file is corrupt or was changed; restore it from git (git checkout -- {weights_path})"
+        )
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model = build_model(TrainConfig.from_dict(metadata["config"]))
+    model.load_state_dict(state)
+    return Potential(name=name, seed=seed, model=model.eval(), metadata=metadata)
+
+
+def pretrained_calculator(
+    name: str, seeds: Union[int, Sequence[int], str] = 0, device: str = "cpu", dtype=torch.float64, root=None
+):
+    """An ASE calculator of a shipped potential: one seed (a `DimezblCalculator`), or several / "all" (a
+    `DimezblCommittee` reporting the mean and the spread of the seeds)."""
+    if seeds == "all":
+        seeds = sorted(_entries(root).get(name, {})) or [0]
+    if isinstance(seeds, int):
+        return pretrained(name, seeds, root).calculator(device, dtype)
+    seeds = list(seeds)
+    if len(seeds) == 1:
+        return pretrained(name, seeds[0], root).calculator(device, dtype)
+    return DimezblCommittee([pretrained(name, seed, root).calculator(device, dtype) for seed in seeds])
+
+
+# --- writing and checking shipped potentials ----------------------------------------------------------------
+
+
+def _sample_arrays(run_data) -> dict:
+    """`SAMPLE_SIZE` evenly spaced configurations of the run's test split, with their row indices."""
+    test = run_data.test
+    picks = np.unique(np.linspace(0, len(test) - 1, min(SAMPLE_SIZE, len(test))).round().astype(int))
+    samples = [test[int(k)] for k in picks]
+    arrays = {
+        "index": np.array([int(s.idx) for s in samples], dtype=np.int64),
+        "z": np.concatenate([s.z.numpy() for s in samples]).astype(np.int64),
+        "ptr": np.concatenate([[0], np.cumsum([s.z.numel() for s in samples])]).astype(np.int64),
+        "pos": np.concatenate([s.pos.numpy() for s in samples]).astype(np.float32),
+        "content_sha256": np.array(run_data.data_sha256),
+    }
+    if run_data.config.dataset != "qm9":
+        arrays["energy"] = np.concatenate([s.energy.numpy() for s in samples])
+        if getattr(samples[0], "forces", None) is not None:
+            arrays["forces"] = np.concatenate([s.forces.numpy() for s in samples]).astype(np.float32)
+    else:
+        arrays["energy"] = np.array([float(s.y[0, run_data.target_index]) for s in samples])
+    return arrays
+
+
+def sample_mae(model: DimezblNet, offset, sample: dict, dataset: str) -> dict:
+    """Energy (and force) MAE of `model` with `offset` on a shipped sample, in training units."""
+    model = model.eval()
+    z, pos, ptr = (torch.as_tensor(sample[k]) for k in ("z", "pos", "ptr"))
+    counts = ptr[1:] - ptr[:-1]
+    batch = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    energy, forces = model.energy_and_forces(z, pos.to(next(model.parameters()).dtype), batch)
+    predicted = energy.detach().double() + offset_energies(offset, z, batch, len(counts))
+    result = {"energy_mae": float((predicted - torch.as_tensor(sample["energy"])).abs().mean())}
+    if "forces" in sample:
+        result["forces_mae"] = float((forces.detach() - torch.as_tensor(sample["forces"])).abs().mean())
+    return result
+
+
+def ship_potential(run_dir, root=None) -> Path:
+    """Write the best checkpoint of a finished run as a shipped potential (weights-only float32 EMA weights and
+    their metadata) under `root` (POTENTIALS_DIR by default), and the data set's test sample if it is not there
+    yet. Needs the run's data (its content sha256 must match the run's). Returns the metadata path."""
+    from .training import RunData, check_data_sha256
+
+    run_dir = Path(run_dir)
+    root = Path(root) if root is not None else POTENTIALS_DIR
+    checkpoint = load_checkpoint(run_dir / "checkpoint_best.pt")
+    config = TrainConfig.from_dict(checkpoint["config"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    model_name, seed = run_dir.name.rsplit("_seed", 1)
+    model = build_model(config)
+    model.load_state_dict(checkpoint["model"])  # the best checkpoint holds the EMA weights
+    data = RunData(config, model.zbl)
+    check_data_sha256(provenance["data"]["content_sha256"], data, run_dir / "checkpoint_best.pt")
+    out_dir = root / config.dataset / config.target / model_name
+    sample_path = root / config.dataset / config.target / SAMPLE_FILE
+    if sample_path.exists():
+        with np.load(sample_path) as stored:
+            sample = {key: stored[key] for key in stored.files}
+        if str(sample["content_sha256"]) != data.data_sha256:
+            raise ValueError(f"{sample_path} comes from other data than {run_dir}: ship runs of one data set")
+    else:
+        sample = _sample_arrays(data)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **sample)
+        atomic_write_bytes(sample_path, buffer.getvalue())
+    weights = {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    weights_path = out_dir / f"seed{int(seed)}.pt"
+    atomic_write_bytes(weights_path, buffer.getvalue())
+    shipped = build_model(config)
+    shipped.load_state_dict(weights)
+    recomputed = to_reporting_units(evaluate(shipped, data, data.test, torch.device("cpu")), config)
+    for key, value in metrics["test"].items():  # the shipped float32 weights give the run's own test MAE
+        if not np.isclose(recomputed[key], value, rtol=1e-4, atol=0.0):
+            raise ValueError(
+                f"{run_dir}: the shipped weights give test {key} {recomputed[key]:.6g}, the run {value:.6g}"
+            )
+    metadata = {
+        "format": POTENTIAL_FORMAT,
+        "name": f"{config.dataset}/{config.target}/{model_name}",
+        "dataset": config.dataset,
+        "target": config.target,
+        "model": model_name,
+        "seed": int(seed),
+        "config": config.to_dict(),
+        "offset": list(checkpoint["offset"]),
+        "offset_method": metrics.get("offset_method"),
+        "elements": checkpoint.get("elements"),
+        "energy_unit": reporting_unit(config)["energy"] if config.dataset != "qm9" else "eV",
+        "units": metrics["units"],
+        "test_mae": metrics["test"],
+        "best_step": checkpoint.get("step"),
+        "sample_mae": sample_mae(shipped, checkpoint["offset"], sample, config.dataset),
+        "sample_units": "training units (kcal/mol, kcal/mol/A for MD17; eV for QM9 energies)",
+        "data": provenance["data"],
+        "trained_at_commit": provenance["git"].get("commit"),
+        "run": portable_path(run_dir),
+        "shipped_at_commit": git_state().get("commit"),
+        "weights_file": weights_path.name,
+        "weights_sha256": _sha256_file(weights_path),
+        "weights_dtype": "float32",
+    }
+    meta_path = weights_path.with_suffix(".json")
+    atomic_write_json(meta_path, metadata)
+    return meta_path
+
+
+def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-5) -> dict:
+    """Load a shipped potential (sha256 checked) and recompute its MAE on the shipped test sample: returns
+    {"recorded": ..., "recomputed": ...}; raises if they differ beyond `rtol`."""
+    potential = pretrained(name, seed, root)
+    root = Path(root) if root is not None else POTENTIALS_DIR
+    meta = potential.metadata
+    with np.load(root / meta["dataset"] / meta["target"] / SAMPLE_FILE) as stored:
+        sample = {key: stored[key] for key in stored.files}
+    if str(sample["content_sha256"]) != meta["data"]["content_sha256"]:
+        raise ValueError(f"the shipped test sample of {name} comes from other data than seed {seed}")
+    recomputed = sample_mae(potential.model, potential.offset, sample, meta["dataset"])
+    for key, value in meta["sample_mae"].items():
+        if not np.isclose(recomputed[key], value, rtol=rtol, atol=0.0):
+            raise ValueError(
+                f"{name} seed {seed}: {key} on the shipped sample is {recomputed[key]:.6g}, recorded {value:.6g}"
+            )
+    return {"recorded": meta["sample_mae"], "recomputed": recomputed}
+
+
+def models_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`dimezbl models`: the shipped potentials, one line each."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dimezbl models", description="List the shipped potentials.")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = list_pretrained()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no potentials are shipped in {POTENTIALS_DIR}")
+        return 0
+    for row in rows:
+        maes = ", ".join(
+            f"{key[len('test_') :]} {value:.4g}"
+            for key, value in row.items()
+            if key.startswith("test_") and "mae" in key
+        )
+        print(f"{row['name']:45s} seeds {','.join(map(str, row['seeds'])):8s} test MAE {maes} ({row['energy_unit']})")
+    return 0

@@ -1,0 +1,135 @@
+"""Shipped potentials (weights-only files with metadata, loaded by name, sha256 checked) and the seed committee."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+import dimezbl as dz
+import dimezbl_core as dc
+
+SHIPPED = [(name, seed) for row in dz.list_pretrained() for name, seed in ((row["name"], s) for s in row["seeds"])]
+
+
+@pytest.mark.parametrize("name, seed", SHIPPED)
+def test_every_shipped_potential_loads_matches_its_sha256_and_its_recorded_sample_mae(name, seed):
+    check = dz.check_pretrained(name, seed)
+    for key, value in check["recorded"].items():
+        assert check["recomputed"][key] == pytest.approx(value, rel=1e-5)
+    meta = dz.pretrained(name, seed).metadata
+    assert meta["weights_dtype"] == "float32" and meta["data"]["content_sha256"]
+    assert set(meta["test_mae"]) >= {"energy_mae"} and meta["trained_at_commit"]
+
+
+def test_the_shipped_files_stay_small():
+    sizes = [path.stat().st_size for path in dz.POTENTIALS_DIR.rglob("*") if path.is_file()]
+    assert sum(sizes) < 45e6, f"{sum(sizes) / 1e6:.1f} MB shipped"
+
+
+@pytest.fixture(scope="module")
+def shipped_smoke(ethanol_smoke_run, tmp_path_factory):
+    """The smoke ethanol model of the shared fixture, shipped into a folder of its own."""
+    config, _ = ethanol_smoke_run
+    root = tmp_path_factory.mktemp("potentials")
+    meta_path = dz.ship_potential(config.run_dir, root=root)
+    return root, meta_path, config
+
+
+def test_a_shipped_smoke_model_round_trips(shipped_smoke):
+    root, meta_path, config = shipped_smoke
+    meta = json.loads(meta_path.read_text())
+    assert meta_path == root / "md17" / "ethanol" / "dimenet" / "seed0.json"
+    assert meta["name"] == "md17/ethanol/dimenet" and meta["energy_unit"] == "kcal/mol"
+    assert meta["offset_method"].startswith("per-element least squares") and meta["elements"] == [1, 6, 8]
+    rows = dz.list_pretrained(root)
+    assert [(r["name"], r["seeds"]) for r in rows] == [("md17/ethanol/dimenet", [0])]
+    assert rows[0]["test_energy_mae"] == pytest.approx(meta["test_mae"]["energy_mae"])
+    potential = dz.pretrained("md17/ethanol/dimenet", seed=0, root=root)
+    assert next(potential.model.parameters()).dtype == torch.float32
+    check = dz.check_pretrained("md17/ethanol/dimenet", 0, root=root)
+    assert check["recomputed"]["forces_mae"] == pytest.approx(check["recorded"]["forces_mae"], rel=1e-6)
+    # the calculator of the shipped model equals the calculator of the run's checkpoint
+    atoms, _ = dz.md17_start_geometry("ethanol")
+    atoms.calc = potential.calculator()
+    shipped_energy, shipped_forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = dz.DimezblCalculator.from_checkpoint(config.run_dir / "checkpoint_best.pt")
+    assert shipped_energy == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+    np.testing.assert_allclose(shipped_forces, atoms.get_forces(), atol=1e-4)
+
+
+def test_bad_names_seeds_and_files_are_clear_errors(shipped_smoke, tmp_path):
+    root, meta_path, _ = shipped_smoke
+    with pytest.raises(
+        KeyError, match=r"no shipped potential named 'md17/ethanol/dimezbl'; shipped: md17/ethanol/dimenet"
+    ):
+        dz.pretrained("md17/ethanol/dimezbl", root=root)
+    with pytest.raises(KeyError, match=r"has no seed 3; shipped seeds: \[0\]"):
+        dz.pretrained("md17/ethanol/dimenet", seed=3, root=root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    weights = copy / "md17" / "ethanol" / "dimenet" / "seed0.pt"
+    payload = bytearray(weights.read_bytes())
+    payload[-10] ^= 0xFF
+    weights.write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match=r"seed0\.pt has sha256 .* the file is corrupt or was changed; restore it"):
+        dz.pretrained("md17/ethanol/dimenet", root=copy)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"seed0\.pt is missing: restore it from git"):
+        dz.pretrained("md17/ethanol/dimenet", root=copy)
+
+
+def _member(seed):
+    torch.manual_seed(seed)
+    model = dc.DimezblNet(hidden_channels=16, num_blocks=1, num_bilinear=2, num_spherical=3, num_radial=3,
+                          output_initializer="glorot_orthogonal", zbl=True, zbl_unit="kcal/mol")  # fmt: skip
+    return dz.DimezblCalculator(model, offset=(0.0, -100.0))
+
+
+def test_a_committee_of_identical_members_has_zero_spread_and_their_energy():
+    atoms = molecule("CH3CH2OH")
+    single = _member(0)
+    atoms.calc = single
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = dz.DimezblCommittee([_member(0), _member(0), _member(0)])
+    assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-9)
+    np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-9)
+    results = atoms.calc.results
+    assert results["energy_std"] < 1e-12 and np.all(results["forces_std"] < 1e-12)  # zero up to rounding
+    assert results["max_force_deviation"] < 1e-12 and results["force_deviation"].shape == (9,)
+
+
+def test_a_committee_of_different_seeds_reports_its_spread_as_deepmd_model_devi():
+    atoms = molecule("CH3CH2OH")
+    members = [_member(seed) for seed in (0, 1, 2)]
+    per_member = []
+    for member in members:
+        atoms.calc = member
+        per_member.append((atoms.get_potential_energy(), atoms.get_forces()))
+    atoms.calc = dz.DimezblCommittee(members)
+    atoms.get_potential_energy()
+    results = atoms.calc.results
+    energies = np.array([e for e, _ in per_member])
+    forces = np.array([f for _, f in per_member])
+    assert results["energy"] == pytest.approx(energies.mean()) and results["energy_std"] == pytest.approx(
+        energies.std()
+    )
+    assert results["energy_std"] > 0 and results["max_force_deviation"] > 0
+    deviation = np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0))  # DeePMD's model_devi per atom
+    np.testing.assert_allclose(results["force_deviation"], deviation, rtol=1e-10)
+    assert results["max_force_deviation"] == pytest.approx(deviation.max())
+    np.testing.assert_allclose(results["forces_std"], forces.std(0), rtol=1e-10)
+
+
+def test_a_committee_needs_calculators():
+    with pytest.raises(ValueError, match="at least 2 members"):
+        dz.DimezblCommittee([_member(0)])
+    with pytest.raises(TypeError, match="DimezblCalculator instances"):
+        dz.DimezblCommittee([_member(0), "model.pt"])
+
+
+def test_models_command_lists_what_is_shipped(capsys):
+    assert dz.cli.main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == dz.list_pretrained()
