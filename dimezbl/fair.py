@@ -445,8 +445,27 @@ def fair_shortrange(
         checkpoints=checkpoints,
         results_dir=files.results_path(results_dir),
         progress=progress,
+        committees=fair_committees(results_dir, molecule),
         **budget,
     )
+
+
+def fair_committees(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol") -> dict:
+    """{(molecule, model): best checkpoints of every training seed of the model that has one here}: the seed
+    committee that watches each model's MD trajectories (`shortrange.md_trajectory`'s committee)."""
+    runs = fair_runs(results_dir)
+    runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17") & (runs["target"] == molecule)]
+    committees = {}
+    for model in FAIR_MODELS:
+        paths = []
+        for seed in sorted(runs[runs["model"] == model]["seed"]):
+            try:
+                paths.append(str(runner.checkpoint_path(runs, molecule, model, int(seed), results_dir)))
+            except (FileNotFoundError, ValueError):
+                continue  # a run committed without its checkpoint cannot be evaluated
+        if len(paths) > 1:
+            committees[(molecule, model)] = paths
+    return committees
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

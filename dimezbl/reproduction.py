@@ -70,6 +70,7 @@ def reproduce(
         "device": device,
         "results_dir": str(results_path(results_dir)),
         "progress_bars": False,  # nobody watches them here; they would fill the executed copies
+        "use_shipped": False,  # notebook 02 draws the models this profile trains, not the shipped potentials
         **(parameters or {}),
     }
     declared = {name: set(papermill.inspect_notebook(str(NOTEBOOK_DIR / name))) for name in notebooks}

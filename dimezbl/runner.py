@@ -4,6 +4,7 @@ loading trained models and predicting, the ZBL term of trained DimezblNets.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -506,7 +507,11 @@ def checkpoint_path(runs: pd.DataFrame, target: str, model: str, seed: Optional[
 
 
 def load_trained_model(path, device: str = "cpu", data_dir=None):
-    """(model in eval mode with the best checkpoint's EMA weights, its TrainConfig)."""
+    """(model in eval mode with the best checkpoint's EMA weights, its TrainConfig). `path` may also be a shipped
+    potential (`dimezbl.pretrained(...)`)."""
+    if hasattr(path, "model") and hasattr(path, "metadata"):  # a dimezbl.shipped.Potential
+        config = TrainConfig.from_dict(path.metadata["config"])
+        return copy.deepcopy(path.model).to(device=select_device(device)).eval(), config
     checkpoint = load_checkpoint(path)
     config = TrainConfig.from_dict(checkpoint["config"])
     if data_dir is not None:

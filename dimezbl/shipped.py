@@ -54,6 +54,9 @@ class Potential:
     def energy_unit(self) -> str:
         return self.metadata["energy_unit"]
 
+    def __str__(self) -> str:
+        return f"shipped potential {self.name} seed {self.seed}"
+
     def calculator(self, device: str = "cpu", dtype=torch.float64) -> DimezblCalculator:
         """An ASE calculator of this potential (eV, eV/A; float64 by default, as for MD)."""
         return DimezblCalculator(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .calculator import DimezblCalculator
+from .calculator import DimezblCalculator, DimezblCommittee
 from .checkpoints import git_state, hardware_description
 from .compression import (
     COMPRESSION_DISTANCES_A,
@@ -59,6 +59,10 @@ SHORTRANGE_CHECK_EVERY = 10  # MD steps between checks of the state (5 fs at 0.5
 # Per profile: MD steps per trajectory, seeds per (molecule, ensemble, temperature, model), and the
 # spacing of the bond-compression grid (0.3 to 3 A). smoke: ~10 min on 2 CPU cores with the smoke
 # models (100 fs per trajectory: a check of the pipeline more than of the models).
+# DeePMD-kit's model deviation: frames whose max per-atom force deviation exceeds an upper trust level (DP-GEN
+# runs commonly use 0.15-0.35 eV/A) are flagged as unreliable; the committee of the training seeds warns above this.
+COMMITTEE_WARNING_EV_A = 0.25
+
 SHORTRANGE_BUDGETS = {
     "smoke": dict(n_steps=200, seeds=(0, 1), compression_step_a=0.05),
     "cpu": dict(n_steps=4000, seeds=(0, 1, 2, 3, 4), compression_step_a=0.025),
@@ -170,6 +174,8 @@ def md_trajectory(
     timestep_fs: float = SHORTRANGE_TIMESTEP_FS,
     friction_per_fs: float = LANGEVIN_FRICTION_PER_FS,
     check_every: int = SHORTRANGE_CHECK_EVERY,
+    committee=None,
+    warning_ev_a: float = COMMITTEE_WARNING_EV_A,
 ) -> dict:
     """One MD trajectory of `atoms` (its positions are the start and the reference of
     `unphysical_state`) with an ASE calculator, stopped at the first unphysical state.
@@ -182,6 +188,12 @@ def md_trajectory(
     failure_time_fs (NaN if none), energy_drift_ev_atom_ps (NVE: least-squares slope of the total
     energy over the physical part, eV/atom/ps; NaN for Langevin or under 3 samples),
     max_energy_error_ev_atom (NVE: max |E_total - E_total(0)| per atom, eV), wall_s.
+
+    committee (a `DimezblCommittee`, e.g. the training seeds of the driving model): evaluated at the start and at
+    every check, not driving the MD; adds max_force_deviation_ev_a (the largest DeePMD-style per-atom force
+    deviation of the committee over the physical part, eV/A), first_warning_time_fs (the first check at which it
+    exceeded `warning_ev_a`; NaN if never) and warned_before_failure (True when that warning came at or before
+    the last physical check of a trajectory that turned unphysical; NaN without a failure).
     """
     from ase import units
     from ase.constraints import FixCom
@@ -217,9 +229,21 @@ def md_trajectory(
         dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     start = time.perf_counter()
     times_fs, totals_ev, steps, reason = [], [], 0, None
+    deviations, first_warning_fs = [], math.nan
+
+    def watch(time_fs):
+        nonlocal first_warning_fs
+        if committee is None:
+            return
+        committee.calculate(atoms.copy(), ["energy", "forces"])
+        deviations.append(committee.results["max_force_deviation"])
+        if math.isnan(first_warning_fs) and deviations[-1] > warning_ev_a:
+            first_warning_fs = time_fs
+
     try:
         times_fs.append(0.0)
         totals_ev.append(atoms.get_total_energy())
+        watch(0.0)
         while steps < n_steps and reason is None:
             block = min(check_every, n_steps - steps)
             dynamics.run(block)
@@ -231,12 +255,20 @@ def md_trajectory(
             if reason is None:
                 times_fs.append(steps * timestep_fs)
                 totals_ev.append(total)
+                watch(steps * timestep_fs)
     except Exception as error:  # an outcome of the trajectory (coincident atoms, SCF failure), recorded
         reason = f"calculator error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     n_atoms = len(atoms)
     times_ps, totals = np.asarray(times_fs) / 1000.0, np.asarray(totals_ev) / n_atoms
     nve = ensemble == "nve"
     drift = float(np.polyfit(times_ps, totals, 1)[0]) if nve and len(totals) >= 3 else math.nan
+    committee_results = {}
+    if committee is not None:
+        committee_results = {
+            "max_force_deviation_ev_a": float(max(deviations)) if deviations else math.nan,
+            "first_warning_time_fs": first_warning_fs,
+            "warned_before_failure": (not math.isnan(first_warning_fs)) if reason is not None else math.nan,
+        }
     return {
         "steps": steps,
         "time_fs": steps * timestep_fs,
@@ -246,6 +278,7 @@ def md_trajectory(
         "energy_drift_ev_atom_ps": drift,
         "max_energy_error_ev_atom": float(np.abs(totals - totals[0]).max()) if nve and len(totals) else math.nan,
         "wall_s": round(time.perf_counter() - start, 3),
+        **committee_results,
     }
 
 
@@ -261,13 +294,16 @@ def md_stability(
     reference: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    committees: Optional[Mapping] = None,
+    warning_ev_a: float = COMMITTEE_WARNING_EV_A,
 ) -> pd.DataFrame:
     """`md_trajectory` for every molecule x ensemble x temperature x seed x model (the models of
     `checkpoints`, see `shortrange_checkpoints`, through `DimezblCalculator` in float64; with
     reference=True also GFN2-xTB). Every trajectory starts from the GFN2-xTB optimised geometry
     of the molecule (`optimise_md17_geometry`), the same for all models. One row per trajectory:
     molecule, n_atoms, model, ensemble, temperature_k, seed, n_steps_budget and `md_trajectory`'s
-    results."""
+    results. committees: {(molecule, model): checkpoint paths of the committee} (e.g. its training seeds, the
+    driving checkpoint among them) for the committee columns of `md_trajectory`; pairs without one get none."""
     from tqdm.auto import tqdm
 
     molecules = (
@@ -296,13 +332,27 @@ def md_stability(
             model: DimezblCalculator.from_checkpoint(_checkpoint_of(checkpoints, molecule, model), device=device)
             for model in models
         }
+        watchers = {
+            model: DimezblCommittee.from_checkpoints(paths, device=device)
+            for (name, model), paths in (committees or {}).items()
+            if name == molecule and model in calculators and len(paths) > 1
+        }
         if reference:
             calculators[REFERENCE_MODEL] = xtb_calculator()
         for _, ensemble, temperature_k, seed in (task for task in tasks if task[0] == molecule):
             for model, calculator in calculators.items():
                 bar.set_postfix_str(f"{molecule} {ensemble} {temperature_k:g} K seed {seed} {model}")
                 result = md_trajectory(
-                    atoms, calculator, ensemble, temperature_k, seed, n_steps, timestep_fs, check_every=check_every
+                    atoms,
+                    calculator,
+                    ensemble,
+                    temperature_k,
+                    seed,
+                    n_steps,
+                    timestep_fs,
+                    check_every=check_every,
+                    committee=watchers.get(model),
+                    warning_ev_a=warning_ev_a,
                 )
                 rows.append(
                     {
@@ -355,6 +405,14 @@ def summarize_md_stability(trajectories: pd.DataFrame) -> pd.DataFrame:
             "simulated_time_fs": group["n_steps_budget"].iloc[0] * group["timestep_fs"].iloc[0],
             "_order": order.get(model, len(order)),
         })  # fmt: skip
+        if "max_force_deviation_ev_a" in group and group["max_force_deviation_ev_a"].notna().any():
+            # the seed committee (md_trajectory's committee): did its spread warn before the state turned unphysical?
+            warned = failed["warned_before_failure"] == True  # noqa: E712 - the column holds True, False and NaN
+            rows[-1].update(
+                committee_max_force_deviation_ev_a=group["max_force_deviation_ev_a"].median(),
+                committee_warned_before_failure=f"{int(warned.sum())} of {len(failed)}",
+                committee_false_warnings=int(physical["first_warning_time_fs"].notna().sum()),
+            )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -530,6 +588,7 @@ def shortrange_experiment(
     results_dir=None,
     device: str = "cpu",
     progress: bool = True,
+    committees: Optional[Mapping] = None,
 ) -> dict:
     """The short-range experiment (`make shortrange`): bond compression against GFN2-xTB and MD
     stability for the MD17 DimeNet and DimezblNet models of `profile` (or `checkpoints`, a
@@ -596,6 +655,7 @@ def shortrange_experiment(
         reference=reference,
         device=device,
         progress=progress,
+        committees=committees,
     )
     summary = summarize_md_stability(trajectories)
     header = shortrange_header(

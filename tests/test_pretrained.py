@@ -133,3 +133,33 @@ def test_a_committee_needs_calculators():
 def test_models_command_lists_what_is_shipped(capsys):
     assert dz.cli.main(["models", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == dz.list_pretrained()
+
+
+def test_the_readmes_first_code_block_runs_as_written(tmp_path, monkeypatch):
+    """The five-line MD snippet of the README's quick start, with a shipped potential, as written."""
+    readme = (dz.REPOSITORY_ROOT / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) == 5 and "pretrained_calculator" in block
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    atoms = namespace["atoms"]
+    assert np.isfinite(atoms.get_potential_energy()) and atoms.get_forces().shape == (9, 3)
+
+
+def test_notebook_02_draws_the_shipped_potentials_by_default(tmp_path):
+    """In JupyterLab after `make setup` notebook 02 needs no training: its learned-vs-ZBL section uses the shipped
+    potentials (use_shipped=True is the default; make reproduce sets it to False)."""
+    import papermill
+
+    executed = tmp_path / "02.ipynb"
+    papermill.execute_notebook(
+        str(dz.REPOSITORY_ROOT / "notebooks" / "02_zbl_curves.ipynb"),
+        str(executed),
+        parameters={"results_dir": str(tmp_path / "results"), "progress_bars": False},
+        kernel_name="python3",
+        cwd=str(dz.REPOSITORY_ROOT / "notebooks"),
+        progress_bar=False,
+    )
+    assert (tmp_path / "results" / "figures" / "compression_curves_md17_malonaldehyde.png").stat().st_size > 10_000
+    assert not (tmp_path / "results" / "runs").exists()  # nothing was trained

@@ -187,3 +187,38 @@ def test_missing_checkpoints_name_make_reproduce(tmp_path):
         )
         == 2
     )
+
+
+def test_the_seed_committee_records_its_spread_and_whether_it_warned_before_the_failure(ethanol_checkpoints):
+    """The committee watches the driving model's trajectory: identical members never warn, differing ones (here
+    the DimeNet and the DimezblNet made from it) warn as soon as their spread exceeds the threshold."""
+    paths = list(ethanol_checkpoints["checkpoint"])
+    driver = dz.DimezblCalculator.from_checkpoint(paths[0])
+    atoms = dz.md17_start_geometry("ethanol")[0]
+    same = dz.DimezblCommittee.from_checkpoints([paths[0], paths[0]])
+    quiet = dz.md_trajectory(
+        atoms, driver, "nve", temperature_k=1e5, seed=0, n_steps=200, check_every=5, committee=same
+    )
+    assert quiet["unphysical"] and quiet["max_force_deviation_ev_a"] < 1e-9
+    assert np.isnan(quiet["first_warning_time_fs"]) and quiet["warned_before_failure"] is False
+    differing = dz.DimezblCommittee.from_checkpoints(paths)
+    loud = dz.md_trajectory(atoms, driver, "nve", temperature_k=1e5, seed=0, n_steps=200, check_every=5,
+                            committee=differing, warning_ev_a=1e-6)  # fmt: skip
+    assert loud["max_force_deviation_ev_a"] > 1e-6 and loud["first_warning_time_fs"] == 0.0
+    assert loud["warned_before_failure"] is True and loud["steps"] == quiet["steps"]  # the committee only watches
+    calm = dz.md_trajectory(atoms, driver, "nve", temperature_k=300.0, seed=0, n_steps=10, check_every=5,
+                            committee=differing, warning_ev_a=1e6)  # fmt: skip
+    assert not calm["unphysical"] and np.isnan(calm["warned_before_failure"])
+
+
+def test_md_stability_summarises_the_committee(ethanol_checkpoints):
+    paths = list(ethanol_checkpoints["checkpoint"])
+    trajectories = dz.md_stability(ethanol_checkpoints, ["ethanol"], temperatures_k=[1e5], ensembles=["nve"],
+                                   seeds=[0], n_steps=100, reference=False, progress=False,
+                                   committees={("ethanol", "dimenet"): paths}, warning_ev_a=1e-6)  # fmt: skip
+    dimenet = trajectories[trajectories["model"] == "dimenet"].iloc[0]
+    assert dimenet["warned_before_failure"] is True or dimenet["warned_before_failure"] == True  # noqa: E712
+    assert np.isnan(trajectories[trajectories["model"] == "dimezblnet"].iloc[0]["max_force_deviation_ev_a"])
+    summary = dz.summarize_md_stability(trajectories)
+    row = summary[summary["model"] == "DimeNet"].iloc[0]
+    assert row["committee_warned_before_failure"] == "1 of 1" and row["committee_false_warnings"] == 0
