@@ -178,6 +178,10 @@ _API = {
     "tables": (
         "PAPER_TABLE1_COLUMNS",
         "PAPER_TABLE1",
+        "DIMENET_OWN_TABLE1",
+        "DIMENET_OWN_SOURCE",
+        "DIMENET_OWN_COLUMN",
+        "OWN_CHANGE_COLUMN",
         "PAPER_TABLE1_UNIT_NOTE",
         "NOT_REPORTED",
         "PAPER_TABLE2_COLUMNS",
@@ -280,6 +284,7 @@ _API = {
         "BOND_BREAK_FACTOR",
         "SHORTRANGE_TIMESTEP_FS",
         "SHORTRANGE_CHECK_EVERY",
+        "COMMITTEE_WARNING_EV_A",
         "SHORTRANGE_BUDGETS",
         "shortrange_checkpoints",
         "unphysical_state",

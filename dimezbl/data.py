@@ -25,7 +25,7 @@ from torch_geometric.data import Data
 
 from dimezbl_core import HARTREE_TO_EV
 
-from .files import atomic_write_bytes, atomic_write_json, data_dir_path, sha256_hex
+from .files import atomic_write_bytes, atomic_write_json, data_dir_path, portable_path, sha256_hex
 
 # QM9 is stored in training units (D, bohr^3, eV, bohr^2, cal/(mol K)), MD17 in kcal/mol and
 # kcal/mol/Angstrom; positions always in Angstrom.
@@ -651,6 +651,14 @@ def load_md17(molecule: str, source: str = "generated", data_dir=None, path=None
                 if source == "generated"
                 else f"put an sGDML or rMD17 npz there; get one from {md17_download_help(molecule)}"
             )
+            if source == "generated" and path is None:  # the sets `make reproduce` and run-models wrote, per profile
+                found = sorted(file_path.parent.glob(f"*/{molecule}.npz"))
+                if found:
+                    listed = ", ".join(portable_path(p) for p in found)
+                    how = (
+                        f"the generated sets are per profile ({listed}): train on the one your runs used with "
+                        f"--set md17_path={portable_path(found[0])}, or {how}"
+                    )
             raise FileNotFoundError(f"no MD17 {source} data for {molecule} at {file_path}: {how}")
     arrays = read_md17_npz(file_path)
     _check_md17_formula(arrays, molecule, file_path)

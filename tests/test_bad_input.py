@@ -231,3 +231,15 @@ def test_resume_and_evaluate_refuse_changed_data(ethanol_smoke_data, tmp_path, m
     metrics = dz.train(config, progress=False)
     assert metrics["steps"] == 8
     assert dz.evaluate_checkpoint(config.run_dir / "checkpoint_best.pt", device="cpu")["subset"] == "test"
+
+
+def test_a_missing_md17_set_names_the_per_profile_sets_that_exist(tmp_path):
+    """After `make reproduce` the generated sets are at data/md17/generated/<profile>/: a command that looks
+    for the profile-less default names them and the --set md17_path that uses one (not a 2,000-configuration
+    generation of other data)."""
+    smoke = tmp_path / "md17" / "generated" / "smoke"
+    smoke.mkdir(parents=True)
+    (smoke / "ethanol.npz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"the generated sets are per profile \(.*smoke/ethanol\.npz\): train "
+                       r"on the one your runs used with --set md17_path=.*smoke/ethanol\.npz"):  # fmt: skip
+        dz.load_md17("ethanol", data_dir=tmp_path)

@@ -720,3 +720,16 @@ def test_table_header_marks_each_commit_by_how_its_runs_were_trained():
         "Hardware: cpu (x86_64), 2 CPU cores, 2 torch threads; cuda (NVIDIA H200), 16 CPU cores, "
         "1 torch threads; training wall time per model 360-820 s"
     ) in header
+
+
+def test_table1_shows_dimenets_own_values_beside_the_papers_and_flags_where_they_differ():
+    """The paper's quoted DimeNet column differs from DimeNet's own Table 1 for U0 and R2 only; Table 1 shows both
+    and recomputes the paper's change against DimeNet's own values."""
+    table = dz.display_table(dz.build_table1(_fake_runs({("mu", "dimenet", 0): 1.0}), "cpu"))
+    flagged = table[table[dz.DIMENET_OWN_COLUMN].str.endswith("*")]
+    assert list(flagged["Target"]) == ["R2", "U0"]
+    u0 = table[table["Target"] == "U0"].iloc[0]
+    assert u0[dz.DIMENET_OWN_COLUMN] == "8.02 *" and u0["DimeNet (paper)"] == "8.29"
+    assert u0["Change, paper"] == "-2.7%" and u0["Change, paper vs DimeNet's own"] == "+0.6%"
+    same = table[table["Target"] == "HOMO"].iloc[0]
+    assert same["Change, paper"] == same["Change, paper vs DimeNet's own"]
