@@ -142,6 +142,7 @@ _API = {
         "target_offset",
         "RunData",
         "build_model",
+        "load_energy_model",
         "compute_loss",
         "evaluate",
         "to_reporting_units",

@@ -9,10 +9,8 @@ import torch
 
 from dimezbl_core import DimezblNet
 
-from .checkpoints import load_checkpoint
-from .config import QM9_ENERGY_TARGETS, TrainConfig
 from .data import ev_to_kcal_per_mol
-from .training import build_model, offset_atomic_energies, select_device
+from .training import load_energy_model, offset_atomic_energies, select_device
 
 
 def energy_unit_in_ev(unit: str) -> float:
@@ -65,15 +63,7 @@ class DimezblCalculator(_ase_calculator_base()):
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kwargs) -> DimezblCalculator:
-        checkpoint = load_checkpoint(path)
-        config = TrainConfig.from_dict(checkpoint["config"])
-        if config.dataset == "qm9" and config.target not in QM9_ENERGY_TARGETS:
-            raise ValueError(
-                f"checkpoint {path} predicts {config.target}, not an energy: the "
-                f"calculator needs a model of U0, U, H, G or an MD17 molecule"
-            )
-        model = build_model(config)
-        model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
+        checkpoint, _, model = load_energy_model(path, "the calculator")
         return cls(
             model,
             offset=checkpoint.get("offset", (0.0, 0.0)),

@@ -38,10 +38,9 @@ from dimezbl_core import (
     zbl_interpolation_weights,
 )
 
-from .checkpoints import git_state, load_checkpoint
-from .config import QM9_ENERGY_TARGETS, TrainConfig
+from .checkpoints import git_state
 from .files import atomic_write_bytes
-from .training import build_model, reporting_unit
+from .training import load_energy_model, reporting_unit
 
 # The export is a TorchScript module holding the trained weights and the model's own functions:
 # radius_graph, triplets, the basis (`_sbf_radial`, `_sbf_angular`, `_sbf_combine`), the blocks'
@@ -260,15 +259,7 @@ def export_model(source, path, dtype=None, restrict_elements: bool = True) -> di
         unit = model.zbl.unit if model.zbl is not None else model.hparams["zbl_unit"]
         dtype = dtype or next(model.parameters()).dtype
     elif isinstance(source, (str, os.PathLike)):
-        checkpoint = load_checkpoint(source)
-        config = TrainConfig.from_dict(checkpoint["config"])
-        if config.dataset == "qm9" and config.target not in QM9_ENERGY_TARGETS:
-            raise ValueError(
-                f"checkpoint {source} predicts {config.target}, not an energy: export needs a "
-                f"model of {', '.join(QM9_ENERGY_TARGETS)} or an MD17 molecule"
-            )
-        model = build_model(config)
-        model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
+        checkpoint, config, model = load_energy_model(source, "export")
         offset, elements = checkpoint.get("offset", (0.0, 0.0)), checkpoint.get("elements")
         unit = reporting_unit(config)["energy"] if config.dataset != "qm9" else "eV"
         dtype = dtype or getattr(torch, config.dtype)

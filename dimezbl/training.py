@@ -335,6 +335,21 @@ def build_model(config: TrainConfig) -> DimezblNet:
     return DimezblNet(zbl=config.zbl, **kwargs)
 
 
+def load_energy_model(path, purpose: str = "the calculator") -> tuple:
+    """(checkpoint, config, model with the checkpoint's EMA weights) of an energy model's checkpoint: a QM9 model
+    of U0, U, H or G, or an MD17 / own-data model; another QM9 target is an error naming `purpose`."""
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    if config.dataset == "qm9" and config.target not in QM9_ENERGY_TARGETS:
+        raise ValueError(
+            f"checkpoint {path} predicts {config.target}, not an energy: {purpose} needs a model of "
+            f"{', '.join(QM9_ENERGY_TARGETS)}, an MD17 molecule or your own energies"
+        )
+    model = build_model(config)
+    model.load_state_dict(checkpoint["ema"] if "ema" in checkpoint else checkpoint["model"])
+    return checkpoint, config, model
+
+
 def _energy_and_forces(module, batch: Batch, need_forces: bool, create_graph: bool):
     """Energies and forces (None unless need_forces) of a DimezblNet, possibly DDP-wrapped: pos is
     a leaf of this function's own, so force training linearises the bases in it (`first_order`)."""

@@ -243,3 +243,15 @@ def test_a_missing_md17_set_names_the_per_profile_sets_that_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"the generated sets are per profile \(.*smoke/ethanol\.npz\): train "
                        r"on the one your runs used with --set md17_path=.*smoke/ethanol\.npz"):  # fmt: skip
         dz.load_md17("ethanol", data_dir=tmp_path)
+
+
+def test_a_checkpoint_of_a_non_energy_target_is_refused_by_the_calculator_and_export(ethanol_smoke_run, tmp_path):
+    config, _ = ethanol_smoke_run
+    checkpoint = torch.load(config.run_dir / "checkpoint_best.pt", weights_only=True)
+    checkpoint["config"] = {**checkpoint["config"], "dataset": "qm9", "target": "mu"}
+    path = tmp_path / "mu.pt"
+    dz.atomic_torch_save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"predicts mu, not an energy: the calculator needs a model of U0, U, H, G"):
+        dz.DimezblCalculator.from_checkpoint(path)
+    with pytest.raises(ValueError, match=r"predicts mu, not an energy: export needs"):
+        dz.export_model(path, tmp_path / "mu_export.pt")
