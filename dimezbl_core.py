@@ -78,12 +78,21 @@ def coulomb_constant(unit: str) -> float:
     return COULOMB_CONSTANTS[unit]
 
 
-def covalent_radii_a() -> np.ndarray:
-    """Covalent radii in Angstrom indexed by atomic number (Cordero 2008, via ase.data; MACE uses
-    the same table): H 0.31, C 0.76, N 0.71, O 0.66, F 0.57."""
-    from ase.data import covalent_radii
+# Covalent radii in Angstrom by atomic number 0..94 (Cordero et al. 2008, the table of ase.data.covalent_radii,
+# which MACE uses too; index 0 is ase's placeholder 0.2). tests/test_zbl.py checks it against ase.
+COVALENT_RADII_A = (
+    0.2, 0.31, 0.28, 1.28, 0.96, 0.84, 0.76, 0.71, 0.66, 0.57, 0.58, 1.66, 1.41, 1.21, 1.11, 1.07, 1.05, 1.02, 1.06,
+    2.03, 1.76, 1.7, 1.6, 1.53, 1.39, 1.39, 1.32, 1.26, 1.24, 1.32, 1.22, 1.22, 1.2, 1.19, 1.2, 1.2, 1.16, 2.2, 1.95,
+    1.9, 1.75, 1.64, 1.54, 1.47, 1.46, 1.42, 1.39, 1.45, 1.44, 1.42, 1.39, 1.39, 1.38, 1.39, 1.4, 2.44, 2.15, 2.07,
+    2.04, 2.03, 2.01, 1.99, 1.98, 1.98, 1.96, 1.94, 1.92, 1.92, 1.89, 1.9, 1.87, 1.87, 1.75, 1.7, 1.62, 1.51, 1.44,
+    1.41, 1.36, 1.36, 1.32, 1.45, 1.46, 1.48, 1.4, 1.5, 1.5, 2.6, 2.21, 2.15, 2.06, 2.0, 1.96, 1.9, 1.87,
+)  # fmt: skip
 
-    return np.asarray(covalent_radii[: MAX_ATOMIC_NUMBER + 1], dtype=np.float64)
+
+def covalent_radii_a() -> np.ndarray:
+    """Covalent radii in Angstrom indexed by atomic number (COVALENT_RADII_A): H 0.31, C 0.76, N 0.71, O 0.66,
+    F 0.57."""
+    return np.asarray(COVALENT_RADII_A, dtype=np.float64)
 
 
 class ConstantTable:
@@ -542,22 +551,35 @@ def bessel_zeros(num_spherical: int, num_radial: int) -> np.ndarray:
     The zeros of j_l and j_{l+1} interlace, so each zero of j_{l+1} is bracketed by consecutive
     zeros of j_l (the scheme of DimeNet's `Jn_zeros`, in float64).
     """
-    from scipy.optimize import brentq
-    from scipy.special import spherical_jn
-
     zeros = np.zeros((num_spherical, num_radial))
     points = np.arange(1, num_radial + num_spherical) * np.pi  # zeros of j_0
     zeros[0] = points[:num_radial]
     for order in range(1, num_spherical):
-        roots = np.array(
-            [
-                brentq(lambda r: spherical_jn(order, r), points[m], points[m + 1], xtol=1e-15)
-                for m in range(len(points) - 1)
-            ]
-        )
-        zeros[order] = roots[:num_radial]
-        points = roots
+        roots = _bisect_roots(order, points[:-1], points[1:])
+        zeros[order], points = roots[:num_radial], roots
     return zeros
+
+
+def _spherical_jn_float64(order: int, x: np.ndarray) -> np.ndarray:
+    """j_order(x) in float64 (`spherical_bessel_jn`), for the constants of the bases."""
+    values = spherical_bessel_jn(torch.as_tensor(x, dtype=torch.float64), order + 1)
+    return values[..., order].numpy()
+
+
+def _bisect_roots(order: int, low: np.ndarray, high: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """The root of j_order in each bracket [low, high] (a sign change), by bisection of all brackets at once
+    until the brackets stop shrinking in float64."""
+    low, high = np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
+    f_low = _spherical_jn_float64(order, low)
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        if np.all((middle == low) | (middle == high)):
+            break
+        f_middle = _spherical_jn_float64(order, middle)
+        left = np.sign(f_middle) == np.sign(f_low)  # the root lies above the middle
+        low, f_low = np.where(left, middle, low), np.where(left, f_middle, f_low)
+        high = np.where(left, high, middle)
+    return 0.5 * (low + high)
 
 
 class BesselBasisLayer(nn.Module):
@@ -616,16 +638,19 @@ class SphericalBasisLayer(nn.Module):
 
     def __init__(self, num_spherical: int, num_radial: int, cutoff: float = 5.0, envelope_exponent: int = 5):
         super().__init__()
-        from scipy.special import jv
-
         self.num_spherical, self.num_radial, self.cutoff = num_spherical, num_radial, cutoff
         self.envelope = Envelope(envelope_exponent)
         # The original's Jn_zeros (kept by PyG) stores the zeros, and so the normaliser, in
         # float32; we keep that rounding (relative 1e-7) so that PyG/DimeNet weights give the
         # same energies to ~1e-12 instead of ~1e-6. `bessel_zeros` itself is float64.
         zeros = bessel_zeros(num_spherical, num_radial).astype(np.float32)
-        orders = np.arange(num_spherical, dtype=np.float32)[:, None]
-        j_next = np.sqrt(np.float32(np.pi) / (2 * zeros)) * jv(orders + np.float32(1.5), zeros)
+        # j_{l+1}(z) = sqrt(pi / (2 z)) J_{l+3/2}(z): J_{l+3/2} at the float32 zeros in float64, rounded to float32
+        # (as scipy.special.jv returns it for float32 input), then the float32 product as DimeNet computes it
+        j_next_exact = np.stack(
+            [_spherical_jn_float64(l + 1, zeros[l].astype(np.float64)) for l in range(num_spherical)]
+        )
+        cylindrical = (j_next_exact / np.sqrt(np.pi / (2 * zeros.astype(np.float64)))).astype(np.float32)
+        j_next = np.sqrt(np.float32(np.pi) / (2 * zeros)) * cylindrical
         normalizer = 1 / (np.float32(0.5) * j_next**2) ** np.float32(0.5)  # float32 as DimeNet
         sph_prefactor = np.sqrt((2 * np.arange(num_spherical) + 1) / (4 * np.pi))
         # Derived from the hyperparameters, so not in the state dict (as in PyG).

@@ -284,3 +284,17 @@ def test_spherical_basis_layer_equals_pyg_layer():
     scale = np.abs(ref).max()
     # atol: PyG's closed-form j_l lose ~1e-11 absolute at small arguments (cancellation), ours does not
     np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10 * scale)
+
+
+def test_sbf_normaliser_equals_the_float32_scipy_computation_dimenet_uses():
+    """The normaliser 1 / sqrt(0.5 j_{l+1}(z_ln)^2), computed here without scipy, is bit-identical to the float32
+    computation of DimeNet's original (scipy.special.jv on the float32 zeros)."""
+    from scipy.special import jv
+
+    for num_spherical, num_radial in ((7, 6), (3, 4), (6, 8)):
+        zeros = dc.bessel_zeros(num_spherical, num_radial).astype(np.float32)
+        orders = np.arange(num_spherical, dtype=np.float32)[:, None]
+        j_next = np.sqrt(np.float32(np.pi) / (2 * zeros)) * jv(orders + np.float32(1.5), zeros)
+        reference = 1 / (np.float32(0.5) * j_next**2) ** np.float32(0.5)
+        ours = dc.SphericalBasisLayer(num_spherical, num_radial).constants.arrays["normalizer"]
+        np.testing.assert_array_equal(ours.astype(np.float32), reference)

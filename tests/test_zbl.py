@@ -382,3 +382,9 @@ def test_zbl_term_summary_is_learned_weight_times_molecule_zbl_energy():
     assert model.zbl.scale.item() == pytest.approx(-0.003)  # the model's own weight is untouched
     with pytest.raises(ValueError, match="no ZBL term"):
         dz.zbl_term_summary(dc.DimezblNet(hidden_channels=8, num_blocks=1, zbl=False), data, "test")
+
+
+def test_the_covalent_radii_table_is_ases():
+    from ase.data import covalent_radii
+
+    np.testing.assert_array_equal(dc.covalent_radii_a(), covalent_radii[: dc.MAX_ATOMIC_NUMBER + 1])
