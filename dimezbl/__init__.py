@@ -98,6 +98,7 @@ _API = {
         "xtb_calculator",
         "optimise_md17_geometry",
         "RESUME_NOTE",
+        "langevin_dynamics",
         "generate_md17",
         "generate_md17_main",
     ),
@@ -237,7 +238,6 @@ _API = {
         "StructureDataset",
         "load_structures",
         "structure_split",
-        "file_fingerprint",
     ),
     "calculator": (
         "energy_unit_in_ev",

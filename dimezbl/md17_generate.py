@@ -331,6 +331,23 @@ def _read_generation_state(path: Path, settings: dict):
     return data, ""
 
 
+def langevin_dynamics(atoms, timestep_fs: float, temperature_k: float, friction_per_fs: float, rng):
+    """ase's Langevin integrator with time step (fs), temperature (K), friction (1/fs) and `rng`, the centre of
+    mass kept by the atoms' FixCom constraint (fixcm=False): the dynamics of the generator and of the short-range
+    experiment."""
+    from ase import units
+    from ase.md.langevin import Langevin
+
+    return Langevin(
+        atoms,
+        timestep=timestep_fs * units.fs,
+        temperature_K=temperature_k,
+        friction=friction_per_fs / units.fs,
+        fixcm=False,
+        rng=rng,
+    )
+
+
 def generate_md17(
     molecule: str,
     n_configs: int,
@@ -357,9 +374,7 @@ def generate_md17(
     MD state). With ``resume=True`` a run continues from a checkpoint made with the same settings;
     asking for more configurations than exist extends the trajectory.
     """
-    from ase import units
     from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary, ZeroRotation
     from tqdm.auto import tqdm
 
@@ -413,14 +428,7 @@ def generate_md17(
         ZeroRotation(atoms)
     resumed_from = len(frames["E"])
 
-    dynamics = Langevin(
-        atoms,
-        timestep=timestep_fs * units.fs,
-        temperature_K=temperature_k,
-        friction=friction_per_fs / units.fs,
-        fixcm=False,
-        rng=rng,
-    )
+    dynamics = langevin_dynamics(atoms, timestep_fs, temperature_k, friction_per_fs, rng)
     start = time.perf_counter()
 
     def checkpoint():

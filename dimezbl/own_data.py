@@ -13,7 +13,6 @@ Splits: `split_fractions` (train, valid, test; default 0.8, 0.1, 0.1, shuffled w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -246,8 +245,3 @@ def structure_split(
             f"{n} frames are too few for split_fractions {list(fractions)}: no training or validation frame"
         )
     return order[:n_train], order[n_train : n_train + n_valid], order[n_train + n_valid : n_train + n_valid + n_test]
-
-
-def file_fingerprint(path) -> str:
-    """sha256 of a data file's bytes (the provenance records the content sha256 of what was read as well)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -35,6 +35,7 @@ from .md17_generate import (
     _software_versions,
     _thermalize_momenta,
     bond_graph,
+    langevin_dynamics,
     optimise_md17_geometry,
     xtb_calculator,
 )
@@ -197,7 +198,6 @@ def md_trajectory(
     """
     from ase import units
     from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
@@ -217,14 +217,7 @@ def md_trajectory(
     ZeroRotation(atoms)
     if ensemble == "langevin":
         atoms.set_constraint(FixCom())  # as generate_md17: no drift of the centre of mass
-        dynamics = Langevin(
-            atoms,
-            timestep=timestep_fs * units.fs,
-            temperature_K=temperature_k,
-            friction=friction_per_fs / units.fs,
-            fixcm=False,
-            rng=rng,
-        )
+        dynamics = langevin_dynamics(atoms, timestep_fs, temperature_k, friction_per_fs, rng)
     else:
         dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     start = time.perf_counter()
