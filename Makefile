@@ -61,7 +61,8 @@ fair: $(STAMP)
 fair-report: $(STAMP)
 	$(DIMEZBL) fair report
 
-# Compression curves and MD stability of the fair ethanol models (training seed 0; needs their checkpoints).
+# Compression curves and MD stability of the fair malonaldehyde models (training seed 0; their checkpoints or
+# shipped potentials).
 fair-shortrange: $(STAMP)
 	$(DIMEZBL) fair shortrange
 

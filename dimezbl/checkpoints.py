@@ -4,6 +4,8 @@ about the code (git commit, sha256 of dimezbl_core.py), the software and the har
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -29,11 +31,54 @@ def atomic_torch_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+POTENTIAL_FORMAT = "dimezbl-potential/1"  # the metadata format of a shipped potential (dimezbl.shipped)
+
+
+def load_shipped_weights(weights_path) -> tuple:
+    """(state dict, metadata) of a shipped potential's weights file `seed<k>.pt`, whose metadata `seed<k>.json`
+    lies beside it; the file's sha256 must match the one its metadata records."""
+    weights_path = Path(weights_path)
+    meta_path = weights_path.with_suffix(".json")
+    metadata = json.loads(meta_path.read_text())
+    if metadata.get("format") != POTENTIAL_FORMAT:
+        raise ValueError(f"{meta_path} is not a {POTENTIAL_FORMAT} file (format {metadata.get('format')!r})")
+    if not weights_path.exists():
+        raise FileNotFoundError(f"{weights_path} is missing: restore it from git (git checkout -- {weights_path})")
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    if digest != metadata["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path} has sha256 {digest[:16]}..., its metadata {metadata['weights_sha256'][:16]}...: the "
+            f"file is corrupt or was changed; restore it from git (git checkout -- {weights_path})"
+        )
+    return torch.load(weights_path, map_location="cpu", weights_only=True), metadata
+
+
+def _is_shipped_weights(path: Path) -> bool:
+    meta_path = path.with_suffix(".json")
+    if path.suffix != ".pt" or not meta_path.exists():
+        return False
+    try:
+        return json.loads(meta_path.read_text()).get("format") == POTENTIAL_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
+    """Load a checkpoint safely (weights_only=True: tensors and plain containers only). A shipped potential's
+    weights file (`dimezbl.shipped`) loads as the checkpoint it came from: config, EMA weights as "model",
+    offset, elements and best step."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if _is_shipped_weights(path):
+        state, metadata = load_shipped_weights(path)
+        return {
+            "config": metadata["config"],
+            "model": state,
+            "offset": metadata["offset"],
+            "elements": metadata["elements"],
+            "step": metadata.get("best_step"),
+        }
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated or not a checkpoint
@@ -83,6 +128,18 @@ def _git_state_now() -> dict:
 _GIT_AT_IMPORT = {**_git_state_now(), "dimezbl_core_sha256": sha256_hex(Path(dimezbl_core.__file__).read_bytes())}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, e.g. "AMD EPYC 7B12"), else platform.processor() or the
+    machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_description(device: torch.device) -> dict:
     info = {"device": str(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}  # fmt: skip
@@ -90,6 +147,7 @@ def hardware_description(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
         info["cpu"] = platform.processor() or platform.machine()
+    info["cpu_model"] = cpu_model()
     return info
 
 

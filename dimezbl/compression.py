@@ -21,7 +21,7 @@ from .md17_generate import (
     md17_start_geometry,
     xtb_calculator,
 )
-from .runner import checkpoint_path, load_trained_model
+from .runner import MODEL_LABELS, checkpoint_path, load_trained_model
 from .training import molecule_zbl_energies, reporting_unit
 
 LOG = logging.getLogger("dimezbl.shortrange")  # the experiment's log, which these curves are part of
@@ -153,6 +153,26 @@ def compression_curves(
     has_dimenet = ((of_target["model"] == "dimenet") & (of_target["seed"] == seed)).any()
     dimenet = checkpoint_path(runs, target, "dimenet", seed, results_dir) if has_dimenet else None
     return [compression_curve(dimezblnet, tuple(bond), dimenet_checkpoint=dimenet, device=device) for bond in bonds]
+
+
+def checkpoint_compression_curves(checkpoints: pd.DataFrame, bonds, device: str = "cpu") -> list:
+    """`compression_curve` of each bond for the DimezblNet of a checkpoints table of one molecule
+    (`shortrange.shortrange_checkpoints`, `shipped.shipped_checkpoints`), with DimeNet and every other model of
+    the table beside it."""
+    paths = dict(zip(checkpoints["model"], checkpoints["checkpoint"]))
+    if "dimezblnet" not in paths:
+        raise ValueError(f"the checkpoints table has no dimezblnet model (it has {sorted(paths)})")
+    others = {MODEL_LABELS.get(m, m): p for m, p in paths.items() if m not in ("dimenet", "dimezblnet")}
+    return [
+        compression_curve(
+            paths["dimezblnet"],
+            tuple(bond),
+            dimenet_checkpoint=paths.get("dimenet"),
+            device=device,
+            other_checkpoints=others,
+        )
+        for bond in bonds
+    ]
 
 
 # --- bond compression against GFN2-xTB ---

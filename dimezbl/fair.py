@@ -407,9 +407,12 @@ FAIR_SHORTRANGE_BUDGET = dict(
 )  # 1 ps per trajectory at 0.5 fs
 
 
-def fair_shortrange_checkpoints(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0) -> pd.DataFrame:
+def fair_shortrange_checkpoints(
+    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", seed: int = 0
+) -> pd.DataFrame:
     """The best checkpoints of every fair model of `molecule` (2,000-step cell, training seed `seed`) as the
-    table `shortrange.shortrange_experiment` takes. Checkpoints are not committed: they exist where the runs trained."""
+    table `shortrange.shortrange_experiment` takes. Checkpoints are not committed (they exist where the runs
+    trained); a run's shipped potential stands in for its missing checkpoint (`runner.checkpoint_path`)."""
     runs = fair_runs(results_dir)
     runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17")]
     rows = []
@@ -431,7 +434,7 @@ def fair_shortrange_checkpoints(results_dir=FAIR_RESULTS_DIR, molecule: str = "e
 
 
 def fair_shortrange(
-    results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol", seed: int = 0, progress: bool = True, **budget
+    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", seed: int = 0, progress: bool = True, **budget
 ) -> dict:
     """Bond compression against GFN2-xTB and MD stability (Langevin and NVE at 1000 and 1500 K, several MD
     seeds) of DimeNet and each ZBL recipe (`fair_shortrange_checkpoints`), with `shortrange.shortrange_experiment`:
@@ -450,7 +453,7 @@ def fair_shortrange(
     )
 
 
-def fair_committees(results_dir=FAIR_RESULTS_DIR, molecule: str = "ethanol") -> dict:
+def fair_committees(results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde") -> dict:
     """{(molecule, model): best checkpoints of every training seed of the model that has one here}: the seed
     committee that watches each model's MD trajectories (`shortrange.md_trajectory`'s committee)."""
     runs = fair_runs(results_dir)
@@ -486,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "shortrange",
         help="compression curves and MD stability of the fair models of one molecule (needs their checkpoints)",
     )
-    short.add_argument("--molecule", default="ethanol")
+    short.add_argument("--molecule", default="malonaldehyde")
     short.add_argument("--seed", type=int, default=0, help="the training seed of the models")
     parser.add_argument("--results-dir", default=FAIR_RESULTS_DIR)
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from .config import PROFILE_MD17_DATA, PROFILE_MD17_GENERATION, PROFILE_SEEDS, T
 from .data import MD17_MOLECULES, QM9_TARGETS, md17_default_path, md17_molecule_name, qm9_to_reporting_units
 from .files import _relative_to_results, atomic_write_bytes, portable_path, repository_path, results_path
 from .md17_generate import generate_md17
+from .shipped import shipped_weights_of_run
 from .training import (
     _IGNORED_WHEN_REUSING,
     _SAFETY_LIMITS,
@@ -362,7 +363,7 @@ RUN_COLUMNS = (
 def _hardware_text(hardware: dict) -> str:
     if not hardware:
         return "unknown"
-    chip = hardware.get("gpu") or hardware.get("cpu") or "?"
+    chip = hardware.get("gpu") or hardware.get("cpu_model") or hardware.get("cpu") or "?"
     return (
         f"{hardware.get('device', '?')} ({chip}), {hardware.get('cpu_count', '?')} CPU cores, "
         f"{hardware.get('torch_threads', '?')} torch threads"
@@ -482,8 +483,11 @@ def collect_runs(profile: str, dataset: Optional[str] = None, results_dir=None) 
     return runs.sort_values(["dataset", "_order", "model", "seed"]).drop(columns="_order").reset_index(drop=True)
 
 
-def checkpoint_path(runs: pd.DataFrame, target: str, model: str, seed: Optional[int] = None, results_dir=None) -> Path:
-    """checkpoint_best.pt of one run in a `collect_runs` table (seed None: the lowest seed)."""
+def checkpoint_path(
+    runs: pd.DataFrame, target: str, model: str, seed: Optional[int] = None, results_dir=None, shipped: bool = True
+) -> Path:
+    """checkpoint_best.pt of one run in a `collect_runs` table (seed None: the lowest seed); where it is not here
+    and `shipped`, the run's shipped potential file (`shipped.shipped_weights_of_run`), which loads the same."""
     rows = runs[(runs["target"] == target) & (runs["model"] == model)]
     if seed is not None:
         rows = rows[rows["seed"] == seed]
@@ -495,6 +499,10 @@ def checkpoint_path(runs: pd.DataFrame, target: str, model: str, seed: Optional[
         )
     run_dir = rows.sort_values("seed")["run_dir"].iloc[0]
     path = results_path(results_dir, run_dir, "checkpoint_best.pt")
+    if not path.exists() and shipped:
+        weights = shipped_weights_of_run(path.parent)
+        if weights is not None:
+            return weights  # the run's best EMA weights, shipped (dimezbl.shipped): loads as its checkpoint
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run has a metrics.json but no best checkpoint")
     stale = stale_best_checkpoint(path.parent)

@@ -26,13 +26,12 @@ import torch
 from dimezbl_core import DimezblNet
 
 from .calculator import DimezblCalculator, DimezblCommittee
-from .checkpoints import git_state, load_checkpoint
+from .checkpoints import POTENTIAL_FORMAT, git_state, load_checkpoint, load_shipped_weights
 from .config import TrainConfig
 from .files import atomic_write_bytes, atomic_write_json, portable_path
 from .training import build_model, evaluate, offset_energies, reporting_unit, to_reporting_units
 
 POTENTIALS_DIR = Path(__file__).resolve().parent / "potentials"
-POTENTIAL_FORMAT = "dimezbl-potential/1"
 SAMPLE_FILE = "test_sample.npz"
 SAMPLE_SIZE = 64  # configurations of the test split shipped per data set
 
@@ -83,6 +82,22 @@ def _entries(root=None) -> dict:
     return entries
 
 
+def shipped_weights_of_run(run_dir, root=None) -> Optional[Path]:
+    """The shipped weights file made from the run `run_dir` (its metadata names the run and records the run's
+    own test MAE), or None: it stands in for the run's best checkpoint where that is not here."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        return None
+    test = json.loads(metrics_path.read_text()).get("test")
+    for seeds in _entries(root).values():
+        for meta_path in seeds.values():
+            metadata = json.loads(meta_path.read_text())
+            if metadata.get("run") == portable_path(run_dir) and metadata.get("test_mae") == test:
+                return meta_path.with_suffix(".pt")
+    return None
+
+
 def list_pretrained(root=None) -> list:
     """One row per shipped potential: name, dataset, target, model, seeds, energy unit and the mean test MAE over
     its seeds (reporting units), as dicts."""
@@ -117,20 +132,7 @@ def _resolve(name: str, seed: int, root=None) -> Path:
 def pretrained(name: str, seed: int = 0, root=None) -> Potential:
     """The shipped potential `name` ("<dataset>/<target>/<model>", see `list_pretrained`) of training seed `seed`.
     Its weights file must match the sha256 in its metadata."""
-    meta_path = _resolve(name, seed, root)
-    metadata = json.loads(meta_path.read_text())
-    if metadata.get("format") != POTENTIAL_FORMAT:
-        raise ValueError(f"{meta_path} is not a {POTENTIAL_FORMAT} file (format {metadata.get('format')!r})")
-    weights_path = meta_path.with_suffix(".pt")
-    if not weights_path.exists():
-        raise FileNotFoundError(f"{weights_path} is missing: restore it from git (git checkout -- {weights_path})")
-    digest = _sha256_file(weights_path)
-    if digest != metadata["weights_sha256"]:
-        raise ValueError(
-            f"{weights_path} has sha256 {digest[:16]}..., its metadata {metadata['weights_sha256'][:16]}...: the "
-            f"file is corrupt or was changed; restore it from git (git checkout -- {weights_path})"
-        )
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state, metadata = load_shipped_weights(_resolve(name, seed, root).with_suffix(".pt"))
     model = build_model(TrainConfig.from_dict(metadata["config"]))
     model.load_state_dict(state)
     return Potential(name=name, seed=seed, model=model.eval(), metadata=metadata)
@@ -149,6 +151,35 @@ def pretrained_calculator(
     if len(seeds) == 1:
         return pretrained(name, seeds[0], root).calculator(device, dtype)
     return DimezblCommittee([pretrained(name, seed, root).calculator(device, dtype) for seed in seeds])
+
+
+def shipped_checkpoints(molecule: str, seed: int = 0, root=None):
+    """The shipped MD17 potentials of `molecule` (training seed `seed`, every model that has it) as the
+    checkpoints table the short-range tools take (`shortrange.shortrange_checkpoints`'s columns), their weights
+    files standing in for the checkpoints (`checkpoints.load_checkpoint` reads both)."""
+    import pandas as pd
+
+    rows = []
+    for name, seeds in _entries(root).items():
+        dataset, target, model = name.split("/")
+        if dataset != "md17" or target != molecule or seed not in seeds:
+            continue
+        metadata = json.loads(seeds[seed].read_text())
+        rows.append(
+            {
+                "molecule": molecule,
+                "model": model,
+                "seed": seed,
+                "checkpoint": str(seeds[seed].with_suffix(".pt")),
+                "run_dir": metadata["run"],
+                "profile": metadata["config"].get("profile"),
+                "git_commit": metadata.get("trained_at_commit"),
+            }
+        )
+    if not rows:
+        shipped = sorted({n.split("/")[1] for n in _entries(root) if n.startswith("md17/")})
+        raise KeyError(f"no shipped MD17 potential of {molecule!r} with seed {seed}; shipped molecules: {shipped}")
+    return pd.DataFrame(rows)
 
 
 # --- writing and checking shipped potentials ----------------------------------------------------------------

@@ -163,3 +163,43 @@ def test_notebook_02_draws_the_shipped_potentials_by_default(tmp_path):
     )
     assert (tmp_path / "results" / "figures" / "compression_curves_md17_malonaldehyde.png").stat().st_size > 10_000
     assert not (tmp_path / "results" / "runs").exists()  # nothing was trained
+
+
+def test_a_shipped_weights_file_loads_as_the_checkpoint_it_came_from(shipped_smoke, tmp_path):
+    """load_checkpoint reads a shipped weights file (sha256 checked) as the run's best checkpoint, so every tool
+    that takes a checkpoint (calculator, compression curve, short-range MD) takes a shipped potential too."""
+    root, meta_path, config = shipped_smoke
+    weights = meta_path.with_suffix(".pt")
+    shipped = dz.load_checkpoint(weights)
+    original = dz.load_checkpoint(config.run_dir / "checkpoint_best.pt")
+    assert shipped["config"] == original["config"] and list(shipped["offset"]) == list(original["offset"])
+    for key, value in original["model"].items():
+        torch.testing.assert_close(shipped["model"][key], value.float() if value.is_floating_point() else value)
+    corrupt = tmp_path / "seed0.pt"
+    shutil.copy(meta_path, corrupt.with_suffix(".json"))
+    corrupt.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="corrupt or was changed"):
+        dz.load_checkpoint(corrupt)
+
+
+def test_a_run_without_its_checkpoint_falls_back_to_its_shipped_weights(shipped_smoke, tmp_path):
+    root, meta_path, config = shipped_smoke
+    run_dir = config.run_dir
+    assert dz.shipped_weights_of_run(run_dir, root=root) == meta_path.with_suffix(".pt")
+    other = tmp_path / run_dir.name
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"test": {"energy_mae": 1.0}}))
+    assert dz.shipped_weights_of_run(other, root=root) is None  # another run: no shipped stand-in
+    table = dz.shipped_checkpoints("ethanol", root=root)
+    assert table[["molecule", "model", "seed"]].values.tolist() == [["ethanol", "dimenet", 0]]
+    assert table["checkpoint"].iloc[0] == str(meta_path.with_suffix(".pt"))
+    with pytest.raises(KeyError, match="shipped molecules: \\['ethanol'\\]"):
+        dz.shipped_checkpoints("benzene", root=root)
+
+
+def test_the_shipped_fair_models_give_compression_curves_of_every_recipe():
+    table = dz.shipped_checkpoints("malonaldehyde")
+    assert {"dimenet", "dimezblnet", "dimezblnet_switched", "dimezblnet_interpolated"} <= set(table["model"])
+    (curve,) = dz.checkpoint_compression_curves(table, [("C", "H")])
+    assert {"DimeNet", "DimezblNet (switched)", "DimezblNet (interpolated)"} <= set(curve.columns)
+    assert np.isfinite(curve.select_dtypes("number").to_numpy()).all()

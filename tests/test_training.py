@@ -460,6 +460,11 @@ def test_run_hardware_names_every_device_a_run_trained_on():
         dz.runner._run_hardware_text({"hardware": cpu, "segments": [{"from_step": 0}]})
         == "cpu (x86_64), 2 CPU cores, 2 torch threads"
     )
+    # where the CPU's model is recorded, the tables name it
+    named = dict(cpu, cpu_model="AMD EPYC 7B12")
+    assert dz.runner._hardware_text(named) == "cpu (AMD EPYC 7B12), 2 CPU cores, 2 torch threads"
+    here = dz.hardware_description(torch.device("cpu"))
+    assert isinstance(here["cpu_model"], str) and here["cpu_model"]
 
 
 def test_run_git_names_every_commit_a_run_trained_at():
