@@ -252,8 +252,8 @@ SMOKE_MODEL = dict(hidden_channels=32, num_blocks=2, num_bilinear=4, num_output_
 CPU_MODEL = dict(hidden_channels=64, num_blocks=4)  # DimeNet otherwise (8 bilinear, 3 output layers)
 
 PROFILES = {
-    # Minutes on 2 CPU cores (`make reproduce` trains 40 models in it: 16 min in all on the slowest
-    # 2-core CPU it has run on, an AMD EPYC Zen 1): a shrunk model, small subsets, a 10-step EMA
+    # Minutes on 2 CPU cores (`make reproduce` trains 40 models in it: about 7 min in all on a 2-core
+    # Intel Xeon): a shrunk model, small subsets, a 10-step EMA
     # horizon (the runs are 50-100 steps), offsets so that training starts near the data.
     "smoke": dict(
         model=SMOKE_MODEL, batch_size=16, warmup_steps=20, eval_every=25, ema_decay=0.9,
