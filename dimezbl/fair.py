@@ -453,6 +453,20 @@ def fair_shortrange(
     )
 
 
+def shortrange_markdown(results_dir=FAIR_RESULTS_DIR) -> str:
+    """The fair models' short-range tables (bond compression summary, MD stability) as written by
+    `fair_shortrange`, as Markdown; where they are not there, the command that makes them."""
+    folder = files.results_path(results_dir, "shortrange")
+    parts = []
+    for basename, title in (("compression_summary", "Bond compression"), ("md_stability", "MD stability")):
+        path = folder / f"{basename}.md"
+        if path.exists():
+            parts.append(f"### {title} (`{files.portable_path(path)}`)\n\n{path.read_text()}")
+    if not parts:
+        return f"No short-range results in {files.portable_path(folder)}: run `make fair-shortrange`."
+    return "\n".join(parts)
+
+
 def fair_committees(results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde") -> dict:
     """{(molecule, model): best checkpoints of every training seed of the model that has one here}: the seed
     committee that watches each model's MD trajectories (`shortrange.md_trajectory`'s committee)."""

@@ -331,3 +331,9 @@ def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
         assert c_h[f"{label} E(0.5 A)"] > c_h["DimeNet E(0.5 A)"] + 100.0  # kcal/mol: the ZBL wall
     assert (results / "shortrange" / "md_stability.md").exists()
     assert (results / "figures" / "shortrange_md_stability.png").exists()
+    shown = fair.shortrange_markdown(results)  # what notebook 06 shows
+    assert "### Bond compression" in shown and "### MD stability" in shown and "DimezblNet (switched)" in shown
+
+
+def test_fair_shortrange_report_names_its_command_when_missing(tmp_path):
+    assert "run `make fair-shortrange`" in fair.shortrange_markdown(tmp_path)
