@@ -335,13 +335,16 @@ def plot_compression_curves(curves: Sequence[pd.DataFrame], results_dir=None, na
             MODEL_LABELS[m]: (MODEL_COLORS[m], "-", MODEL_LABELS[m])
             for m in ("dimezblnet_switched", "dimezblnet_interpolated")
         },
-        "GFN2-xTB": ("tab:green", "-", "GFN2-xTB (reference)"),
+        "GFN2-xTB": ("k", "-", "GFN2-xTB (reference)"),
     }
     fig, axes = _figure(len(curves), width=5.2, height=4.3)
     for ax, curve in zip(axes[0], curves):
         for column, (color, linestyle, label) in styles.items():
             if column in curve:
-                ax.plot(curve["distance_a"], curve[column], color=color, linestyle=linestyle, label=label)
+                reference = column == "GFN2-xTB"  # drawn thick and underneath the models
+                ax.plot(curve["distance_a"], curve[column], color=color, linestyle=linestyle, label=label,
+                        linewidth=3.0 if reference else 1.5, alpha=0.45 if reference else 1.0,
+                        zorder=1 if reference else 2)  # fmt: skip
         ax.axvline(
             curve.attrs["r0_a"], color="tab:gray", linewidth=0.8, label=f"r0 = {curve.attrs['r0_a']:.3f} Å (as built)"
         )
