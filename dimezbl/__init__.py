@@ -271,7 +271,6 @@ _API = {
     "compression": (
         "COMPRESSION_DISTANCES_A",
         "compression_curve",
-        "compression_curves",
         "checkpoint_compression_curves",
         "element_pair_bonds",
         "xtb_bond_scan",

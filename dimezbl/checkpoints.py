@@ -4,7 +4,6 @@ about the code (git commit, sha256 of dimezbl_core.py), the software and the har
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ def load_shipped_weights(weights_path) -> tuple:
         raise ValueError(f"{meta_path} is not a {POTENTIAL_FORMAT} file (format {metadata.get('format')!r})")
     if not weights_path.exists():
         raise FileNotFoundError(f"{weights_path} is missing: restore it from git (git checkout -- {weights_path})")
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    digest = sha256_hex(weights_path.read_bytes())
     if digest != metadata["weights_sha256"]:
         raise ValueError(
             f"{weights_path} has sha256 {digest[:16]}..., its metadata {metadata['weights_sha256'][:16]}...: the "

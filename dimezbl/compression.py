@@ -21,7 +21,7 @@ from .md17_generate import (
     md17_start_geometry,
     xtb_calculator,
 )
-from .runner import MODEL_LABELS, checkpoint_path, load_trained_model
+from .runner import MODEL_LABELS, load_trained_model
 from .training import molecule_zbl_energies, reporting_unit
 
 LOG = logging.getLogger("dimezbl.shortrange")  # the experiment's log, which these curves are part of
@@ -139,20 +139,6 @@ def compression_curve(
         dimenet_checkpoint=str(dimenet_checkpoint),
     )
     return frame
-
-
-def compression_curves(
-    runs: pd.DataFrame, target: str, bonds, seed: Optional[int] = None, results_dir=None, device: str = "cpu"
-) -> list:
-    """`compression_curve` of each bond for the DimezblNet run of `target` in a runs table, with
-    the DimeNet run of the same seed beside it (seed None: the lowest)."""
-    of_target = runs[runs["target"] == target]
-    if seed is None and (of_target["model"] == "dimezblnet").any():
-        seed = int(of_target.loc[of_target["model"] == "dimezblnet", "seed"].min())
-    dimezblnet = checkpoint_path(runs, target, "dimezblnet", seed, results_dir)
-    has_dimenet = ((of_target["model"] == "dimenet") & (of_target["seed"] == seed)).any()
-    dimenet = checkpoint_path(runs, target, "dimenet", seed, results_dir) if has_dimenet else None
-    return [compression_curve(dimezblnet, tuple(bond), dimenet_checkpoint=dimenet, device=device) for bond in bonds]
 
 
 def checkpoint_compression_curves(checkpoints: pd.DataFrame, bonds, device: str = "cpu") -> list:

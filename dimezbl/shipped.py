@@ -13,7 +13,6 @@ potential's metadata records its MAE on that sample (`sample_mae`), which `check
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dimezbl_core import DimezblNet
 from .calculator import DimezblCalculator, DimezblCommittee
 from .checkpoints import POTENTIAL_FORMAT, git_state, load_checkpoint, load_shipped_weights
 from .config import TrainConfig
-from .files import atomic_write_bytes, atomic_write_json, portable_path
+from .files import atomic_write_bytes, atomic_write_json, portable_path, sha256_hex
 from .training import build_model, evaluate, offset_energies, reporting_unit, to_reporting_units
 
 POTENTIALS_DIR = Path(__file__).resolve().parent / "potentials"
@@ -66,10 +65,6 @@ class Potential:
             device=device,
             dtype=dtype,
         )
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _entries(root=None) -> dict:
@@ -284,7 +279,7 @@ def ship_potential(run_dir, root=None) -> Path:
         "run": portable_path(run_dir),
         "shipped_at_commit": git_state().get("commit"),
         "weights_file": weights_path.name,
-        "weights_sha256": _sha256_file(weights_path),
+        "weights_sha256": sha256_hex(weights_path.read_bytes()),
         "weights_dtype": "float32",
     }
     meta_path = weights_path.with_suffix(".json")
