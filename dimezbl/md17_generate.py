@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -277,42 +278,97 @@ def _npz_bytes(**arrays) -> bytes:
 
 
 RESUME_NOTE = (
-    "A resumed trajectory restarts GFN2-xTB's SCF from tblite's SAD guess where the uninterrupted run starts "
-    "from the previous step's wavefunction: energies and forces of the first resumed step differ at the SCF "
-    "convergence level (~1e-4 kcal/mol), and the Langevin trajectory drifts apart from the uninterrupted one from "
-    "that configuration on (positions by ~1e-4 Angstrom after 100 configurations). The configurations before "
-    "each resume point are bit-identical; after it they are equally valid samples of the same ensemble, not the "
-    "same numbers, so the content sha256 differs from that of an uninterrupted run."
+    "A checkpoint stores, with the positions, momenta and random-generator state, GFN2-xTB's converged "
+    "wavefunction (tblite's Result.save) and the energy and forces at the checkpoint's positions, so a resumed "
+    "trajectory starts its next SCF from the same guess as the uninterrupted run and continues it bit for bit. "
+    "Checkpoints without a stored wavefunction restart the SCF from tblite's SAD guess: energies and forces of the "
+    "first resumed step then differ at the SCF convergence level (~1e-4 kcal/mol) and the trajectory drifts apart "
+    "from the uninterrupted one from that configuration on (equally valid samples of the same ensemble, not the "
+    "same numbers)."
 )
+CALC_RESULT_PREFIX = "calc_result_"
+
+
+def _calculator_state(calc) -> dict:
+    """The xtb calculator's restart state as npz arrays: its converged wavefunction (tblite's own npz file, as
+    bytes) and its cached results (energy eV, forces eV/Angstrom, ...) at the current positions; {} before the
+    first calculation."""
+    result = getattr(calc, "_res", None)
+    if result is None or not getattr(calc, "results", None):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "wavefunction.npz"
+        result.save(str(path))
+        blob = path.read_bytes()
+    arrays = {"wavefunction_npz": np.frombuffer(blob, dtype=np.uint8)}
+    for key, value in calc.results.items():
+        arrays[CALC_RESULT_PREFIX + key] = np.asarray(value)
+    return arrays
+
+
+def _restore_calculator(calc, atoms, state: dict) -> bool:
+    """Put a checkpoint's wavefunction and cached results back into `calc` for `atoms` (already at the
+    checkpoint's positions): the next MD step then runs exactly as in the uninterrupted trajectory. False
+    (nothing restored) for checkpoints without a wavefunction."""
+    if "wavefunction_npz" not in state:
+        return False
+    from tblite.interface import Result
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "wavefunction.npz"
+        path.write_bytes(np.asarray(state["wavefunction_npz"], dtype=np.uint8).tobytes())
+        result = Result()
+        result.load(str(path))
+    calc._res = result
+    calc.atoms = atoms.copy()
+    calc.results = {
+        key[len(CALC_RESULT_PREFIX) :]: (value.item() if value.ndim == 0 else value.copy())
+        for key, value in state.items()
+        if key.startswith(CALC_RESULT_PREFIX)
+    }
+    return True
+
+
+def _md_state(atoms, rng, md_steps_done: int, n_frames: int) -> dict:
+    """The MD state at a step boundary as npz arrays: positions (Angstrom), momenta, the random generator's
+    state, the MD steps and configurations done, and the xtb calculator's restart state (`_calculator_state`)."""
+    return {
+        "positions": atoms.get_positions(),
+        "momenta": atoms.get_momenta(),
+        "rng_state": np.array(json.dumps(rng.bit_generator.state)),
+        "md_steps_done": np.array(md_steps_done),
+        "n_frames": int(n_frames),
+        **_calculator_state(atoms.calc),
+    }
 
 
 def _write_generation_state(
     path: Path,
     settings: dict,
     frames: dict[str, list],
-    atoms,
-    rng,
-    md_steps_done: int,
+    md_state: dict,
+    n_atoms: int,
     wall_s: float,
     resumed_at: Sequence[int] = (),
+    inexact_resumed_at: Sequence[int] = (),
 ) -> None:
-    """Checkpoint: the configurations so far plus the MD state (positions, momenta, RNG state) and the
-    configuration counts at which the trajectory was resumed (`RESUME_NOTE`)."""
+    """Checkpoint: the configurations up to `md_state` (the last step boundary, `_md_state`), that MD state
+    and the configuration counts at which the trajectory was resumed, in all and without a stored wavefunction
+    (`RESUME_NOTE`)."""
+    n_frames = md_state["n_frames"]
     atomic_write_bytes(
         path,
         _npz_bytes(
-            R=np.array(frames["R"]).reshape(-1, len(atoms), 3),
-            E=np.array(frames["E"]),
-            F=np.array(frames["F"]).reshape(-1, len(atoms), 3),
-            md_step=np.array(frames["md_step"], dtype=np.int64),
-            temperature_k=np.array(frames["temperature_k"]),
-            positions=atoms.get_positions(),
-            momenta=atoms.get_momenta(),
-            rng_state=np.array(json.dumps(rng.bit_generator.state)),
+            R=np.array(frames["R"][:n_frames]).reshape(-1, n_atoms, 3),
+            E=np.array(frames["E"][:n_frames]),
+            F=np.array(frames["F"][:n_frames]).reshape(-1, n_atoms, 3),
+            md_step=np.array(frames["md_step"][:n_frames], dtype=np.int64),
+            temperature_k=np.array(frames["temperature_k"][:n_frames]),
             settings=np.array(json.dumps(settings, sort_keys=True)),
-            md_steps_done=np.array(md_steps_done),
             wall_s=np.array(wall_s),
             resumed_at=np.array(list(resumed_at), dtype=np.int64),
+            inexact_resumed_at=np.array(list(inexact_resumed_at), dtype=np.int64),
+            **{key: value for key, value in md_state.items() if key != "n_frames"},
         ),
     )
 
@@ -404,7 +460,7 @@ def generate_md17(
     atoms.set_constraint(FixCom())  # keep the centre of mass in place (ase's advice over fixcm=True)
     rng = np.random.default_rng(seed)
     frames = {"R": [], "E": [], "F": [], "md_step": [], "temperature_k": []}
-    md_steps_done, wall_before, resumed_at = 0, 0.0, []
+    md_steps_done, wall_before, resumed_at, inexact_resumed_at = 0, 0.0, [], []
     state, reason = (
         (None, "resume=False")
         if not resume
@@ -417,8 +473,13 @@ def generate_md17(
         rng.bit_generator.state = json.loads(str(state["rng_state"]))
         md_steps_done, wall_before = int(state["md_steps_done"]), float(state["wall_s"])
         resumed_at = [int(k) for k in state.get("resumed_at", ())]
+        # checkpoints written before the wavefunction was stored: every resume restarted from the SAD guess
+        inexact_resumed_at = [int(k) for k in state.get("inexact_resumed_at", resumed_at)]
+        exact = _restore_calculator(atoms.calc, atoms, state)
         if len(frames["E"]) < n_configs:  # the trajectory continues from here (not when it only gets cut)
             resumed_at.append(len(frames["E"]))
+            if not exact:
+                inexact_resumed_at.append(len(frames["E"]))
         LOG.info("%s: resuming from %d configurations in %s", molecule, len(frames["E"]), state_path)
     else:
         if resume and state_path.exists():
@@ -431,16 +492,18 @@ def generate_md17(
     dynamics = langevin_dynamics(atoms, timestep_fs, temperature_k, friction_per_fs, rng)
     start = time.perf_counter()
 
+    boundary = _md_state(atoms, rng, md_steps_done, len(frames["E"]))  # what a checkpoint writes
+
     def checkpoint():
         _write_generation_state(
             state_path,
             settings,
             frames,
-            atoms,
-            rng,
-            md_steps_done,
+            boundary,
+            len(atoms),
             wall_before + time.perf_counter() - start,
             resumed_at,
+            inexact_resumed_at,
         )
 
     bar = tqdm(
@@ -454,6 +517,7 @@ def generate_md17(
         if md_steps_done < equilibration_steps:
             dynamics.run(equilibration_steps - md_steps_done)
             md_steps_done = equilibration_steps
+            boundary = _md_state(atoms, rng, md_steps_done, len(frames["E"]))
         sampling_start = time.perf_counter()
         while len(frames["E"]) < n_configs:
             dynamics.run(sample_every)
@@ -463,13 +527,17 @@ def generate_md17(
             frames["F"].append(atoms.get_forces(apply_constraint=False) * ev_to_kcal)
             frames["md_step"].append(md_steps_done)
             frames["temperature_k"].append(atoms.get_temperature())
+            boundary = _md_state(atoms, rng, md_steps_done, len(frames["E"]))
             bar.update(1)
             if len(frames["E"]) % checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
-        checkpoint()
+        checkpoint()  # the last step boundary: an interrupted MD step or configuration is redone on resume
         LOG.warning(
-            "%s: interrupted; %d configurations kept in %s, run again to resume", molecule, len(frames["E"]), state_path
+            "%s: interrupted; %d configurations kept in %s, run again to resume",
+            molecule,
+            boundary["n_frames"],
+            state_path,
         )
         raise
     finally:
@@ -507,7 +575,7 @@ def generate_md17(
             "start_geometry": geometry_source,
             "resumed_from_configs": resumed_from,
             "resumed_at_configs": [k for k in resumed_at if k < n_configs],
-            "bit_identical_to_an_uninterrupted_run": not any(k < n_configs for k in resumed_at),
+            "bit_identical_to_an_uninterrupted_run": not any(k < n_configs for k in inexact_resumed_at),
             "resume_note": RESUME_NOTE,
             "wall_time_s": round(wall_s, 3),
             "configs_per_s_sampling": round(new_configs / max(end - sampling_start, 1e-9), 3),

@@ -512,8 +512,9 @@ def test_generator_resumes_instead_of_restarting(ethanol_5, tmp_path, caplog):
     np.testing.assert_array_equal(resumed["R"][1:3], straight["R"][1:3])
     assert json.loads(out.with_suffix(".json").read_text())["resumed_from_configs"] == 3
     assert any("resuming from 3 configurations" in record.getMessage() for record in caplog.records)
-    # the continued trajectory follows the uninterrupted one (differences only from the SCF start guess)
-    np.testing.assert_allclose(resumed["R"][3:], straight["R"][3:], atol=1e-5)
+    # the continued trajectory is the uninterrupted one, bit for bit (stored wavefunction and RNG state)
+    for key in ("R", "E", "F"):
+        np.testing.assert_array_equal(resumed[key][3:], straight[key][3:])
     np.testing.assert_array_equal(dz.read_md17_npz(out)["R"].shape, (5, 9, 3))
     # other settings or resume=False start over
     with caplog.at_level(logging.WARNING, logger="dimezbl.data"):
@@ -545,12 +546,56 @@ def test_interrupted_generation_keeps_its_configurations(ethanol_5, tmp_path, mo
     dz.generate_md17("ethanol", 5, out_path=out, **GENERATOR_SETTINGS)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["resumed_from_configs"] == 2 and sidecar["resumed_at_configs"] == [2]
-    assert sidecar["bit_identical_to_an_uninterrupted_run"] is False and "SAD guess" in sidecar["resume_note"]
+    assert sidecar["bit_identical_to_an_uninterrupted_run"] is True
     straight_sidecar = json.loads(ethanol_5.with_suffix(".json").read_text())
     assert straight_sidecar["resumed_at_configs"] == [] and straight_sidecar["bit_identical_to_an_uninterrupted_run"]
+    # kill and resume gives the uninterrupted data set: same content sha256
+    assert (
+        dz.load_md17("ethanol", path=out).content_sha256() == dz.load_md17("ethanol", path=ethanol_5).content_sha256()
+    )
+
+
+def test_interrupt_inside_an_md_step_resumes_from_the_last_boundary(ethanol_5, tmp_path, monkeypatch):
+    from ase.md.langevin import Langevin
+
+    real_step, steps = Langevin.step, []
+
+    def step_then_interrupt(self, forces=None):
+        steps.append(1)
+        result = real_step(self, forces)
+        if len(steps) == GENERATOR_SETTINGS["equilibration_steps"] + 7:  # inside configuration 2's MD run
+            raise KeyboardInterrupt
+        return result
+
+    out = tmp_path / "ethanol.npz"
+    monkeypatch.setattr(Langevin, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dz.generate_md17("ethanol", 5, out_path=out, **GENERATOR_SETTINGS)
+    monkeypatch.setattr(Langevin, "step", real_step)
+    dz.generate_md17("ethanol", 5, out_path=out, **GENERATOR_SETTINGS)
+    resumed, straight = dz.read_md17_npz(out), dz.read_md17_npz(ethanol_5)
+    for key in ("R", "E", "F"):
+        np.testing.assert_array_equal(resumed[key], straight[key])
+
+
+def test_checkpoint_without_wavefunction_resumes_and_says_so(ethanol_5, tmp_path):
+    out = tmp_path / "ethanol.npz"
+    dz.generate_md17("ethanol", 2, out_path=out, **GENERATOR_SETTINGS)
+    state_path = out.with_name("ethanol.state.npz")
+    with np.load(state_path) as npz:  # the layout of checkpoints written before the wavefunction was stored
+        state = {
+            key: npz[key]
+            for key in npz.files
+            if key == "resumed_at" or not key.startswith(("calc_", "wave", "inexact"))
+        }
+    np.savez(state_path, **state)
+    dz.generate_md17("ethanol", 5, out_path=out, **GENERATOR_SETTINGS)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["resumed_at_configs"] == [2] and sidecar["bit_identical_to_an_uninterrupted_run"] is False
+    assert "SAD guess" in sidecar["resume_note"]
     resumed, straight = dz.read_md17_npz(out), dz.read_md17_npz(ethanol_5)
     np.testing.assert_array_equal(resumed["R"][:2], straight["R"][:2])
-    np.testing.assert_allclose(resumed["R"], straight["R"], atol=1e-5)
+    np.testing.assert_allclose(resumed["R"], straight["R"], atol=1e-5)  # the same trajectory to ~1e-5 A
 
 
 @pytest.mark.parametrize("molecule", dz.MD17_MOLECULES)
