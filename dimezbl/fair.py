@@ -76,19 +76,14 @@ def train_fair(
     progress: bool = True,
     **overrides,
 ) -> pd.DataFrame:
-    """Train (or resume, or reuse) every run of `cells`: per cell DimeNet and recipe (a) seed by seed, then
-    ONE_SEED_MODELS with the first seed; returns the finished runs (`runner.collect_runs` rows of both
-    profiles). overrides: TrainConfig fields."""
+    """Train (or resume, or reuse) every run of `cells`, seed by seed with all models of a seed together
+    (ONE_SEED_MODELS with the first seed only: it checks that they equal DimeNet on these data, more would
+    repeat it); returns the finished runs (`runner.collect_runs` rows of both profiles). overrides: TrainConfig
+    fields."""
     for cell in cells:
         cell_seeds = list(runner.profile_seeds(cell.profile) if seeds is None else seeds)
-        # the paired models seed by seed, then ONE_SEED_MODELS with the first seed: one seed checks that
-        # they equal DimeNet on these data; more would repeat it
-        paired = [m for m in models if m not in ONE_SEED_MODELS]
-        one_seed = [m for m in models if m in ONE_SEED_MODELS]
-        batches = [(seed, paired) for seed in cell_seeds if paired]
-        if one_seed and cell_seeds:
-            batches.append((cell_seeds[0], one_seed))
-        for seed, cell_models in batches:
+        for k, seed in enumerate(cell_seeds):
+            cell_models = [m for m in models if k == 0 or m not in ONE_SEED_MODELS]
             runner.run_models(
                 cell.profile,
                 cell.dataset,
