@@ -61,10 +61,11 @@ fair: $(STAMP)
 fair-report: $(STAMP)
 	$(DIMEZBL) fair report
 
-# Compression curves and MD stability of the fair malonaldehyde models (training seed 0; their checkpoints or
-# shipped potentials).
+# Compression curves and MD stability of the fair models of one molecule (MOLECULE=malonaldehyde|ethanol;
+# training seed 0; their checkpoints or shipped potentials).
+MOLECULE ?= malonaldehyde
 fair-shortrange: $(STAMP)
-	$(DIMEZBL) fair shortrange
+	$(DIMEZBL) fair shortrange --molecule $(MOLECULE)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -409,18 +409,36 @@ FAIR_SHORTRANGE_BUDGET = dict(
 )  # 1 ps per trajectory at 0.5 fs
 
 
+FAIR_SHORTRANGE_PROFILES = {"malonaldehyde": "fair", "ethanol": "fair_long"}  # whose models, per molecule
+
+
+def _shortrange_profile(molecule: str, profile: Optional[str]) -> str:
+    """The fair profile whose models the short range of `molecule` uses: given, else FAIR_SHORTRANGE_PROFILES
+    (ethanol: the 8,000-step cell, trained on the generated set at hand), else "fair"."""
+    return profile or FAIR_SHORTRANGE_PROFILES.get(molecule, "fair")
+
+
 def fair_shortrange_checkpoints(
-    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", seed: int = 0
+    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", seed: int = 0, profile: Optional[str] = None
 ) -> pd.DataFrame:
-    """The best checkpoints of every fair model of `molecule` (2,000-step cell, training seed `seed`) as the
-    table `shortrange.shortrange_experiment` takes. Checkpoints are not committed (they exist where the runs
-    trained); a run's shipped potential stands in for its missing checkpoint (`runner.checkpoint_path`)."""
+    """The best checkpoints of every fair model of `molecule` (training seed `seed`, the cell of `profile`,
+    `_shortrange_profile`) as the table `shortrange.shortrange_experiment` takes. Checkpoints are not committed
+    (they exist where the runs trained); a run's shipped potential stands in for its missing checkpoint
+    (`runner.checkpoint_path`)."""
+    profile = _shortrange_profile(molecule, profile)
     runs = fair_runs(results_dir)
-    runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17")]
+    runs = runs[(runs["profile"] == profile) & (runs["dataset"] == "md17")]
     rows = []
     for model in FAIR_MODELS:
-        path = runner.checkpoint_path(runs, molecule, model, seed, results_dir)
-        row = runs[(runs["target"] == molecule) & (runs["model"] == model) & (runs["seed"] == seed)].iloc[0]
+        selected = runs[(runs["target"] == molecule) & (runs["model"] == model) & (runs["seed"] == seed)]
+        if selected.empty:
+            raise FileNotFoundError(
+                f"no finished {profile} run of {model} for {molecule} with seed {seed} in "
+                f"{files.portable_path(files.results_path(results_dir, 'runs'))}: train it with `dimezbl fair "
+                f"train --cells md17/{molecule}/{profile} --seeds {seed}` (make fair)"
+            )
+        path = runner.checkpoint_path(selected, molecule, model, seed, results_dir)
+        row = selected.iloc[0]
         rows.append(
             {
                 "molecule": molecule,
@@ -428,7 +446,7 @@ def fair_shortrange_checkpoints(
                 "seed": seed,
                 "checkpoint": str(path),
                 "run_dir": row["run_dir"],
-                "profile": "fair",
+                "profile": profile,
                 "git_commit": row["git_commit"],
             }
         )
@@ -436,44 +454,80 @@ def fair_shortrange_checkpoints(
 
 
 def fair_shortrange(
-    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", seed: int = 0, progress: bool = True, **budget
+    results_dir=FAIR_RESULTS_DIR,
+    molecule: str = "malonaldehyde",
+    seed: int = 0,
+    progress: bool = True,
+    profile: Optional[str] = None,
+    **budget,
 ) -> dict:
     """Bond compression against GFN2-xTB and MD stability (Langevin and NVE at 1000 and 1500 K, several MD
     seeds) of DimeNet and each ZBL recipe (`fair_shortrange_checkpoints`), with `shortrange.shortrange_experiment`:
-    tables in <results_dir>/shortrange/, figures in <results_dir>/figures/. budget overrides
-    FAIR_SHORTRANGE_BUDGET (and takes shortrange_experiment's other keywords, e.g. reference=False)."""
+    tables in <results_dir>/shortrange/<molecule>/, figures in <results_dir>/figures/ (shortrange_*_<molecule>.png).
+    budget overrides FAIR_SHORTRANGE_BUDGET (and takes shortrange_experiment's other keywords, e.g.
+    reference=False)."""
     budget = {**FAIR_SHORTRANGE_BUDGET, **budget}
-    checkpoints = fair_shortrange_checkpoints(results_dir, molecule, seed)
+    profile = _shortrange_profile(molecule, profile)
+    checkpoints = fair_shortrange_checkpoints(results_dir, molecule, seed, profile)
     return shortrange.shortrange_experiment(
         "cpu",
         [molecule],
         checkpoints=checkpoints,
         results_dir=files.results_path(results_dir),
         progress=progress,
-        committees=fair_committees(results_dir, molecule),
+        committees=fair_committees(results_dir, molecule, profile),
+        tables_folder=f"shortrange/{molecule}",
+        md_figure=f"shortrange_md_stability_{molecule}",
         **budget,
     )
 
 
-def shortrange_markdown(results_dir=FAIR_RESULTS_DIR) -> str:
-    """The fair models' short-range tables (bond compression summary, MD stability) as written by
-    `fair_shortrange`, as Markdown; where they are not there, the command that makes them."""
+def fair_shortrange_molecules(results_dir=FAIR_RESULTS_DIR) -> list:
+    """The molecules with committed fair short-range tables (<results_dir>/shortrange/<molecule>/)."""
     folder = files.results_path(results_dir, "shortrange")
+    return sorted(p.parent.name for p in folder.glob("*/md_stability.md")) if folder.is_dir() else []
+
+
+def shortrange_markdown(results_dir=FAIR_RESULTS_DIR, molecule: Optional[str] = None) -> str:
+    """The fair models' short-range tables (bond compression summary, MD stability) of `molecule` (default:
+    every molecule that has them) as written by `fair_shortrange`, as Markdown; where there are none, the command
+    that makes them."""
+    molecules = fair_shortrange_molecules(results_dir) if molecule is None else [molecule]
     parts = []
-    for basename, title in (("compression_summary", "Bond compression"), ("md_stability", "MD stability")):
-        path = folder / f"{basename}.md"
-        if path.exists():
-            parts.append(f"### {title} (`{files.portable_path(path)}`)\n\n{path.read_text()}")
+    for name in molecules:
+        folder = files.results_path(results_dir, "shortrange", name)
+        for basename, title in (("compression_summary", "Bond compression"), ("md_stability", "MD stability")):
+            path = folder / f"{basename}.md"
+            if path.exists():
+                parts.append(f"### {title}, {name} (`{files.portable_path(path)}`)\n\n{path.read_text()}")
     if not parts:
-        return f"No short-range results in {files.portable_path(folder)}: run `make fair-shortrange`."
+        return (
+            f"No short-range results in {files.portable_path(files.results_path(results_dir, 'shortrange'))}: "
+            "run `make fair-shortrange`."
+        )
     return "\n".join(parts)
 
 
-def fair_committees(results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde") -> dict:
-    """{(molecule, model): best checkpoints of every training seed of the model that has one here}: the seed
-    committee that watches each model's MD trajectories (`shortrange.md_trajectory`'s committee)."""
+def shortrange_figures(results_dir=FAIR_RESULTS_DIR) -> list:
+    """The fair short-range figures that exist (compression and MD stability per molecule), for notebook 06."""
+    paths = []
+    for molecule in fair_shortrange_molecules(results_dir):
+        for name in (f"shortrange_compression_{molecule}", f"shortrange_md_stability_{molecule}"):
+            path = files.results_path(results_dir, "figures", f"{name}.png")
+            if path.exists():
+                paths.append(path)
+    return paths
+
+
+def fair_committees(
+    results_dir=FAIR_RESULTS_DIR, molecule: str = "malonaldehyde", profile: Optional[str] = None
+) -> dict:
+    """{(molecule, model): best checkpoints of every training seed of the model that has one here (the cell of
+    `profile`, `_shortrange_profile`)}: the seed committee that watches each model's MD trajectories
+    (`shortrange.md_trajectory`'s committee)."""
+    profile = _shortrange_profile(molecule, profile)
     runs = fair_runs(results_dir)
-    runs = runs[(runs["profile"] == "fair") & (runs["dataset"] == "md17") & (runs["target"] == molecule)]
+    runs = runs[(runs["profile"] == profile) & (runs["dataset"] == "md17") & (runs["target"] == molecule)]
     committees = {}
     for model in FAIR_MODELS:
         paths = []
@@ -507,13 +561,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     short.add_argument("--molecule", default="malonaldehyde")
     short.add_argument("--seed", type=int, default=0, help="the training seed of the models")
+    short.add_argument(
+        "--profile",
+        choices=("fair", "fair_long"),
+        default=None,
+        help="whose models: the 2,000-step (fair) or 8,000-step (fair_long) cell (default: malonaldehyde fair, "
+        "ethanol fair_long)",
+    )
     parser.add_argument("--results-dir", default=FAIR_RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.command == "train":
         cells = FAIR_CELLS if args.cells is None else [Cell(*text.split("/")) for text in args.cells]
         train_fair(cells, args.seeds, results_dir=args.results_dir, progress=not args.no_progress, device=args.device)
     elif args.command == "shortrange":
-        fair_shortrange(args.results_dir, args.molecule, args.seed)
+        fair_shortrange(args.results_dir, args.molecule, args.seed, profile=args.profile)
     else:
         paths = write_fair_report(args.results_dir)
         for path in paths:

@@ -464,11 +464,13 @@ def _markdown_grid(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_shortrange_table(table: pd.DataFrame, header_lines: Sequence[str], basename: str, results_dir=None) -> dict:
-    """<results_dir>/shortrange/<basename>.csv and .md, each opening with the provenance block
+def write_shortrange_table(
+    table: pd.DataFrame, header_lines: Sequence[str], basename: str, results_dir=None, folder: str = "shortrange"
+) -> dict:
+    """<results_dir>/<folder>/<basename>.csv and .md, each opening with the provenance block
     (CSV: '# ' lines, read with pandas.read_csv(path, comment='#'); Markdown: a list), each
     written to a temporary name and renamed."""
-    folder = results_path(results_dir, "shortrange")
+    folder = results_path(results_dir, folder)
     header = [str(line).replace("\n", " ") for line in header_lines]
     contents = {
         "csv": "".join(f"# {line}\n" for line in header) + table.to_csv(index=False),
@@ -582,16 +584,18 @@ def shortrange_experiment(
     device: str = "cpu",
     progress: bool = True,
     committees: Optional[Mapping] = None,
+    tables_folder: str = "shortrange",
+    md_figure: str = "shortrange_md_stability",
 ) -> dict:
     """The short-range experiment (`make shortrange`): bond compression against GFN2-xTB and MD
     stability for the MD17 DimeNet and DimezblNet models of `profile` (or `checkpoints`, a
     `shortrange_checkpoints`-like table). Budget: SHORTRANGE_BUDGETS[profile] unless given
     (n_steps MD steps of timestep_fs per trajectory, seeds, compression grid spacing in A).
 
-    Writes results/shortrange/{compression_curves.csv, compression_summary.{csv,md},
+    Writes results/<tables_folder>/{compression_curves.csv, compression_summary.{csv,md},
     md_stability.{csv,md} (summary), md_trajectories.csv (every trajectory)} with provenance
-    headers, and results/figures/shortrange_compression_<molecule>.png and
-    shortrange_md_stability.png. Returns the tables and curves."""
+    headers, and results/figures/shortrange_compression_<molecule>.png and <md_figure>.png.
+    Returns the tables and curves."""
     if profile not in SHORTRANGE_BUDGETS:
         raise ValueError(f"unknown profile {profile!r}: use one of {sorted(SHORTRANGE_BUDGETS)}")
     budget = dict(SHORTRANGE_BUDGETS[profile])
@@ -628,8 +632,8 @@ def shortrange_experiment(
                 for curve in curves
             ]
         )
-        write_shortrange_table(long, header, "compression_curves", results_dir)
-        write_shortrange_table(summary, header, "compression_summary", results_dir)
+        write_shortrange_table(long, header, "compression_curves", results_dir, tables_folder)
+        write_shortrange_table(summary, header, "compression_summary", results_dir, tables_folder)
         for molecule in dict.fromkeys(summary["molecule"]):
             plot_compression_curves(
                 [c for c in curves if c.attrs["molecule_name"] == molecule],
@@ -668,9 +672,9 @@ def shortrange_experiment(
             "model precision": "float64 (DimezblCalculator)",
         },
     )
-    write_shortrange_table(summary, header, "md_stability", results_dir)
-    write_shortrange_table(trajectories, header, "md_trajectories", results_dir)
-    plot_md_stability(summary, results_dir)
+    write_shortrange_table(summary, header, "md_stability", results_dir, tables_folder)
+    write_shortrange_table(trajectories, header, "md_trajectories", results_dir, tables_folder)
+    plot_md_stability(summary, results_dir, md_figure)
     result.update(trajectories=trajectories, md_summary=summary)
     return result
 

@@ -308,10 +308,13 @@ def test_fair_notebook_runs_headless(tiny_fair_results, tmp_path):
 
 def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
     results, _ = tiny_fair_results
+    with pytest.raises(FileNotFoundError, match="fair train --cells md17/ethanol/fair_long --seeds 0"):
+        fair.fair_shortrange_checkpoints(results, "ethanol")  # ethanol's default: the 8,000-step cell
     out = fair.fair_shortrange(
         results,
         "ethanol",
         seed=0,
+        profile="fair",
         progress=False,
         n_steps=20,
         seeds=(0,),
@@ -329,8 +332,13 @@ def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
     c_h = summary[summary["bond"] == "C-H"].iloc[0]
     for label in ("DimezblNet (switched)", "DimezblNet (interpolated)"):
         assert c_h[f"{label} E(0.5 A)"] > c_h["DimeNet E(0.5 A)"] + 100.0  # kcal/mol: the ZBL wall
-    assert (results / "shortrange" / "md_stability.md").exists()
-    assert (results / "figures" / "shortrange_md_stability.png").exists()
+    assert (results / "shortrange" / "ethanol" / "md_stability.md").exists()
+    assert (results / "figures" / "shortrange_md_stability_ethanol.png").exists()
+    assert fair.fair_shortrange_molecules(results) == ["ethanol"]
+    assert [p.name for p in fair.shortrange_figures(results)] == [
+        "shortrange_compression_ethanol.png",
+        "shortrange_md_stability_ethanol.png",
+    ]
     shown = fair.shortrange_markdown(results)  # what notebook 06 shows
     assert "### Bond compression" in shown and "### MD stability" in shown and "DimezblNet (switched)" in shown
 
