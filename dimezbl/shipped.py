@@ -94,8 +94,8 @@ def shipped_weights_of_run(run_dir, root=None) -> Optional[Path]:
 
 
 def list_pretrained(root=None) -> list:
-    """One row per shipped potential: name, dataset, target, model, seeds, energy unit and the mean test MAE over
-    its seeds (reporting units), as dicts."""
+    """One row per shipped potential: name, dataset, target, model, seeds, training profile and steps, energy
+    unit and the mean test MAE over its seeds (reporting units), as dicts."""
     rows = []
     for name, seeds in _entries(root).items():
         metas = [json.loads(path.read_text()) for _, path in sorted(seeds.items())]
@@ -106,6 +106,8 @@ def list_pretrained(root=None) -> list:
             "target": metas[0]["target"],
             "model": metas[0]["model"],
             "seeds": sorted(seeds),
+            "profile": metas[0]["config"].get("profile"),
+            "training_steps": int(metas[0]["config"]["max_steps"]),
             "energy_unit": metas[0]["units"]["energy"],
         }
         for key in test[0]:
@@ -326,5 +328,9 @@ def models_main(argv: Optional[Sequence[str]] = None) -> int:
             for key, value in row.items()
             if key.startswith("test_") and "mae" in key
         )
-        print(f"{row['name']:45s} seeds {','.join(map(str, row['seeds'])):8s} test MAE {maes} ({row['energy_unit']})")
+        seeds = ",".join(map(str, row["seeds"]))
+        print(
+            f"{row['name']:45s} seeds {seeds:8s} {row['training_steps']:>6,} steps  test MAE {maes} "
+            f"({row['energy_unit']})"
+        )
     return 0

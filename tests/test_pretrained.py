@@ -47,6 +47,7 @@ def test_a_shipped_smoke_model_round_trips(shipped_smoke):
     rows = dz.list_pretrained(root)
     assert [(r["name"], r["seeds"]) for r in rows] == [("md17/ethanol/dimenet", [0])]
     assert rows[0]["test_energy_mae"] == pytest.approx(meta["test_mae"]["energy_mae"])
+    assert rows[0]["training_steps"] == config.max_steps and rows[0]["profile"] == config.profile
     potential = dz.pretrained("md17/ethanol/dimenet", seed=0, root=root)
     assert next(potential.model.parameters()).dtype == torch.float32
     check = dz.check_pretrained("md17/ethanol/dimenet", 0, root=root)
@@ -133,6 +134,9 @@ def test_a_committee_needs_calculators():
 def test_models_command_lists_what_is_shipped(capsys):
     assert dz.cli.main(["models", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == dz.list_pretrained()
+    assert dz.cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(dz.list_pretrained()) and all(" steps " in line for line in lines)
 
 
 def test_the_readmes_first_code_block_runs_as_written(tmp_path, monkeypatch):
