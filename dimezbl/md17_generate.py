@@ -318,7 +318,11 @@ def _restore_calculator(calc, atoms, state: dict) -> bool:
         path = Path(tmp) / "wavefunction.npz"
         path.write_bytes(np.asarray(state["wavefunction_npz"], dtype=np.uint8).tobytes())
         result = Result()
-        result.load(str(path))
+        try:
+            result.load(str(path))
+        except Exception as error:  # noqa: BLE001 - tblite raises its own error types
+            LOG.warning("the checkpoint's wavefunction does not load (%s): resuming from the SAD guess", error)
+            return False
     calc._res = result
     calc.atoms = atoms.copy()
     calc.results = {

@@ -578,6 +578,22 @@ def test_interrupt_inside_an_md_step_resumes_from_the_last_boundary(ethanol_5, t
         np.testing.assert_array_equal(resumed[key], straight[key])
 
 
+def test_checkpoint_with_a_corrupt_wavefunction_resumes_from_the_sad_guess(ethanol_5, tmp_path, caplog):
+    out = tmp_path / "ethanol.npz"
+    dz.generate_md17("ethanol", 2, out_path=out, **GENERATOR_SETTINGS)
+    state_path = out.with_name("ethanol.state.npz")
+    with np.load(state_path) as npz:
+        state = {key: npz[key] for key in npz.files}
+    state["wavefunction_npz"] = np.frombuffer(b"not a wavefunction", dtype=np.uint8)
+    np.savez(state_path, **state)
+    with caplog.at_level(logging.WARNING, logger="dimezbl.data"):
+        dz.generate_md17("ethanol", 5, out_path=out, **GENERATOR_SETTINGS)
+    assert any("wavefunction does not load" in record.getMessage() for record in caplog.records)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["resumed_at_configs"] == [2] and sidecar["bit_identical_to_an_uninterrupted_run"] is False
+    np.testing.assert_allclose(dz.read_md17_npz(out)["R"], dz.read_md17_npz(ethanol_5)["R"], atol=1e-5)
+
+
 def test_checkpoint_without_wavefunction_resumes_and_says_so(ethanol_5, tmp_path):
     out = tmp_path / "ethanol.npz"
     dz.generate_md17("ethanol", 2, out_path=out, **GENERATOR_SETTINGS)
