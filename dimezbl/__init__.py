@@ -250,6 +250,7 @@ _API = {
         "POTENTIALS_DIR",
         "SAMPLE_FILE",
         "SAMPLE_SIZE",
+        "SAMPLE_DTYPE",
         "Potential",
         "list_pretrained",
         "pretrained",
@@ -259,6 +260,7 @@ _API = {
         "sample_mae",
         "ship_potential",
         "check_pretrained",
+        "record_sample_mae",
         "models_main",
     ),
     "export": (

@@ -20,7 +20,14 @@ import torch
 
 from .checkpoints import git_state, load_checkpoint
 from .config import PROFILE_MD17_DATA, PROFILE_MD17_GENERATION, PROFILE_SEEDS, TrainConfig, profile_config
-from .data import MD17_MOLECULES, QM9_TARGETS, md17_default_path, md17_molecule_name, qm9_to_reporting_units
+from .data import (
+    MD17_MOLECULES,
+    QM9_TARGETS,
+    load_md17,
+    md17_default_path,
+    md17_molecule_name,
+    qm9_to_reporting_units,
+)
 from .files import _relative_to_results, atomic_write_bytes, portable_path, repository_path, results_path
 from .md17_generate import generate_md17
 from .shipped import shipped_weights_of_run
@@ -332,6 +339,8 @@ def run_models(
                 path=repository_path(configs[0].md17_path),
                 **generation,
             )
+        if to_train and dataset == "md17":
+            check_same_data_as_finished_runs(configs[0], [config for config, _ in to_train])
         for config, resume in to_train:
             start = time.perf_counter()
             metrics = train(config, resume=resume, progress=progress)
@@ -348,6 +357,39 @@ def run_models(
     runs = collect_runs(profile, dataset, results_dir)
     keep = runs["target"].isin(targets) & runs["model"].isin(list(models)) & runs["seed"].isin(seeds)
     return runs[keep].reset_index(drop=True)
+
+
+def check_same_data_as_finished_runs(config: TrainConfig, to_train: Sequence[TrainConfig]) -> None:
+    """Every run of one profile and target compares models on one data set: refuse to train `to_train` on MD17
+    data (`config.md17_path`) whose content sha256 differs from the one the finished runs beside them recorded
+    (their provenance.json). A generated set regenerated on another CPU can be another trajectory (docs/data.md);
+    training on it would mix two data sets in one comparison."""
+    cell_dir = config.run_dir.parent
+    training = {c.run_dir.name for c in to_train}  # their own old files (a run trained again) do not count
+    recorded: dict = {}
+    for provenance_path in sorted(cell_dir.glob("*/provenance.json")):
+        if provenance_path.parent.name in training or not (provenance_path.parent / "metrics.json").exists():
+            continue
+        provenance = _read_run_file(provenance_path, _retrain_hint(provenance_path.parent))
+        sha = provenance.get("data", {}).get("content_sha256")
+        if sha:
+            recorded.setdefault(sha, []).append(provenance_path.parent.name)
+    if not recorded:
+        return
+    found = load_md17(
+        config.target, source=config.md17_source, data_dir=config.data_dir, path=repository_path(config.md17_path)
+    ).content_sha256()
+    if found in recorded:
+        return
+    finished = "; ".join(f"{sha[:16]}... ({', '.join(names)})" for sha, names in recorded.items())
+    raise ValueError(
+        f"the data of {cell_dir} ({config.md17_path or config.target}) have content sha256 {found[:16]}..., but "
+        f"its finished runs were trained on {finished}: a run trained now ("
+        + ", ".join(c.run_dir.name for c in to_train)
+        + ") would not be comparable with them. Restore the data they used (a generated set regenerates bit for "
+        "bit only on a CPU like the one that generated it: see docs/data.md), or train the whole comparison "
+        "in another results directory"
+    )
 
 
 RUN_COLUMNS = (

@@ -255,3 +255,39 @@ def test_a_checkpoint_of_a_non_energy_target_is_refused_by_the_calculator_and_ex
         dz.DimezblCalculator.from_checkpoint(path)
     with pytest.raises(ValueError, match=r"predicts mu, not an energy: export needs"):
         dz.export_model(path, tmp_path / "mu_export.pt")
+
+
+def test_numpy_inputs_give_the_same_result_as_tensors(model):
+    energy, forces = model.energy_and_forces(WATER_Z, WATER_POS)
+    energy_np, forces_np = model.energy_and_forces(WATER_Z.numpy(), WATER_POS.numpy(), np.zeros(3, dtype=np.int64))
+    torch.testing.assert_close(energy_np, energy.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(forces_np, forces.detach(), rtol=0, atol=0)
+
+
+def test_forces_are_computed_under_no_grad(model):
+    energy, forces = model.energy_and_forces(WATER_Z, WATER_POS)
+    with torch.no_grad():
+        energy_ng, forces_ng = model.energy_and_forces(WATER_Z, WATER_POS)
+    torch.testing.assert_close(forces_ng, forces.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(energy_ng, energy.detach(), rtol=0, atol=0)
+
+
+def test_a_float32_model_returns_float32_for_float64_positions():
+    torch.manual_seed(0)
+    model = dc.DimezblNet(hidden_channels=8, num_blocks=1, num_bilinear=2).eval()
+    energy, forces = model.energy_and_forces(WATER_Z, WATER_POS)
+    assert energy.dtype == forces.dtype == torch.float32
+    with pytest.raises(ERRORS, match="float"):
+        model.energy_and_forces(WATER_Z, WATER_POS.clone().requires_grad_(True))
+
+
+def test_the_exported_model_takes_int32_atomic_numbers_and_batch(tmp_path):
+    torch.manual_seed(0)
+    model = dc.DimezblNet(hidden_channels=8, num_blocks=1, num_bilinear=2, num_spherical=3, num_radial=3).double()
+    dz.export_model(model, tmp_path / "model.pt")
+    exported = torch.jit.load(str(tmp_path / "model.pt"))
+    batch = torch.zeros(3, dtype=torch.long)
+    energy, forces = exported(WATER_Z, WATER_POS, batch)
+    energy_32, forces_32 = exported(WATER_Z.int(), WATER_POS, batch.int())
+    torch.testing.assert_close(energy_32, energy, rtol=0, atol=0)
+    torch.testing.assert_close(forces_32, forces, rtol=0, atol=0)

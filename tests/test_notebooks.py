@@ -460,6 +460,45 @@ def test_a_best_checkpoint_of_another_training_is_not_used(reproduced, tmp_path,
     assert "left out of the predictions" in capsys.readouterr().out
 
 
+def test_a_run_is_not_trained_on_other_data_than_its_finished_siblings(reproduced, tmp_path, capsys, monkeypatch):
+    """The runs of one profile and molecule compare models on one data set: when the generated set found now
+    differs from the one the finished runs beside it recorded (regenerated on another CPU, say), a missing run is
+    not trained on it; the error names both hashes, and nothing is written."""
+    import json
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(reproduced, results)
+    data_dir = str((reproduced.parent / "data").resolve())
+    cell = results / "runs" / "smoke" / "md17" / "ethanol"
+    missing = cell / "dimezblnet_seed0"
+    shutil.rmtree(missing)
+    provenance_path = cell / "dimenet_seed0" / "provenance.json"
+    provenance = json.loads(provenance_path.read_text())
+    found = provenance["data"]["content_sha256"]
+    provenance["data"]["content_sha256"] = "0" * 64
+    provenance_path.write_text(json.dumps(provenance))
+    arguments = dict(
+        data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32, **TINY_TRAINING
+    )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("nothing is trained on other data")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dz.runner, "train", no_training)
+        message = (
+            rf"have content sha256 {found[:16]}.*trained on 0000000000000000\.\.\. \(dimenet_seed0\).*dimezblnet_seed0"
+        )
+        with pytest.raises(ValueError, match=message):
+            dz.run_models("smoke", "md17", ["ethanol"], [0], **arguments)
+    assert not missing.exists()
+    provenance["data"]["content_sha256"] = found  # the same data as its sibling: trained
+    provenance_path.write_text(json.dumps(provenance))
+    dz.run_models("smoke", "md17", ["ethanol"], [0], **arguments)
+    assert "trained" in capsys.readouterr().out and (missing / "metrics.json").exists()
+
+
 def test_no_training_collects_finished_runs_and_names_the_rest(reproduced, tmp_path, capsys, monkeypatch):
     """train_missing=False (run-models --no-training, notebooks' train_missing parameter) trains
     nothing, also not unfinished or absent runs: they are named and left out of the result."""
