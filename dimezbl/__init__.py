@@ -259,6 +259,7 @@ _API = {
         "shipped_weights_of_run",
         "sample_mae",
         "ship_potential",
+        "ship_bit_identical_recipe",
         "check_pretrained",
         "record_sample_mae",
         "models_main",

@@ -29,7 +29,7 @@ from dimezbl_core import DimezblNet
 from .calculator import DimezblCalculator, DimezblCommittee
 from .checkpoints import POTENTIAL_FORMAT, git_state, load_checkpoint, load_shipped_weights
 from .config import TrainConfig
-from .files import atomic_write_bytes, atomic_write_json, portable_path, sha256_hex
+from .files import atomic_write_bytes, atomic_write_json, portable_path, repository_path, sha256_hex
 from .training import build_model, evaluate, offset_energies, reporting_unit, to_reporting_units
 
 POTENTIALS_DIR = Path(__file__).resolve().parent / "potentials"
@@ -286,6 +286,88 @@ def ship_potential(run_dir, root=None) -> Path:
         "data": provenance["data"],
         "trained_at_commit": provenance["git"].get("commit"),
         "run": portable_path(run_dir),
+        "shipped_at_commit": git_state().get("commit"),
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_hex(weights_path.read_bytes()),
+        "weights_dtype": "float32",
+    }
+    meta_path = weights_path.with_suffix(".json")
+    atomic_write_json(meta_path, metadata)
+    return meta_path
+
+
+def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
+    """Ship a finished ZBL-recipe run whose checkpoint is not here from the shipped weights of the DimeNet run it
+    trained bit-identically to (`twin`, a shipped name such as "md17/ethanol/dimenet", same seed).
+
+    Recipes (b) and (c) are zero at every distance of QM9 and of the generated MD17 sets, so with the same seed
+    their training is DimeNet's, step for step: where both checkpoints exist (malonaldehyde, QM9 U0) the trained
+    weights are bit-identical, the recipe's only extra entry being its fixed ZBL weight (a buffer, 1.0). This
+    ships the twin's weights under the recipe's config after checking what makes them the recipe's: the same
+    data (content sha256), seed, budget and offsets, and test MAEs equal to the last digit. The metadata names
+    the twin (`weights_from`)."""
+    run_dir = Path(run_dir)
+    root = Path(root) if root is not None else POTENTIALS_DIR
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    model_name, seed = run_dir.name.rsplit("_seed", 1)
+    seed = int(seed)
+    twin_weights, twin_meta = load_shipped_weights(_resolve(twin, seed, root).with_suffix(".pt"))
+    twin_config = TrainConfig.from_dict(twin_meta["config"])
+    same = {
+        "data": provenance["data"]["content_sha256"] == twin_meta["data"]["content_sha256"],
+        "seed": config.seed == twin_config.seed == seed,
+        "budget": (config.max_steps, config.profile) == (twin_config.max_steps, twin_config.profile),
+        "offsets": metrics["target_offset"]["per_element"]
+        == json.loads((repository_path(twin_meta["run"]) / "metrics.json").read_text())["target_offset"]["per_element"],
+        "test MAEs": metrics["test"] == twin_meta["test_mae"],
+        "best step": metrics["best_step"] == twin_meta["best_step"],
+    }
+    differ = [what for what, equal in same.items() if not equal]
+    if differ or twin_config.zbl or not config.zbl:
+        raise ValueError(
+            f"{run_dir} did not train bit-identically to {twin} seed {seed} (differs in "
+            f"{', '.join(differ) or 'being DimeNet against a ZBL recipe'}): ship it from its own checkpoint"
+        )
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(twin_weights, strict=False)
+    if unexpected or any(not key.startswith("zbl.") for key in missing):
+        raise ValueError(f"{twin}'s weights do not fit {model_name}: missing {missing}, unexpected {unexpected}")
+    weights = {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    with np.load(root / config.dataset / config.target / SAMPLE_FILE) as stored:
+        sample = {key: stored[key] for key in stored.files}
+    recipe_sample_mae = sample_mae(model, twin_meta["offset"], sample, config.dataset)
+    for key, value in twin_meta["sample_mae"].items():  # the recipe's term is zero on the sample too
+        if not np.isclose(recipe_sample_mae[key], value, rtol=1e-8, atol=0.0):
+            raise ValueError(f"{model_name} differs from {twin} on the shipped sample ({key}): its ZBL term acts there")
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    weights_path = root / config.dataset / config.target / model_name / f"seed{seed}.pt"
+    atomic_write_bytes(weights_path, buffer.getvalue())
+    metadata = {
+        **{key: twin_meta[key] for key in ("format", "dataset", "target", "offset", "elements", "energy_unit")},
+        "name": f"{config.dataset}/{config.target}/{model_name}",
+        "model": model_name,
+        "seed": seed,
+        "config": config.to_dict(),
+        "offset_method": metrics.get("offset_method"),
+        "units": metrics["units"],
+        "test_mae": metrics["test"],
+        "best_step": metrics["best_step"],
+        "sample_mae": recipe_sample_mae,
+        "sample_units": twin_meta["sample_units"],
+        "sample_dtype": SAMPLE_DTYPE,
+        "data": provenance["data"],
+        "trained_at_commit": provenance["git"].get("commit"),
+        "run": portable_path(run_dir),
+        "weights_from": {
+            "name": twin,
+            "seed": seed,
+            "run": twin_meta["run"],
+            "why": "this recipe's run trained bit-identically to it (same data, seed, budget and offsets; test "
+            "MAEs and best step equal to the last digit): its ZBL term is zero at every distance of the data",
+        },
         "shipped_at_commit": git_state().get("commit"),
         "weights_file": weights_path.name,
         "weights_sha256": sha256_hex(weights_path.read_bytes()),

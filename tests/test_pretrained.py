@@ -222,3 +222,28 @@ def test_a_sample_mae_recorded_in_float32_is_not_checked_against_float64(tmp_pat
         dz.check_pretrained("qm9/U0/dimenet", 0, root=root)
     assert dz.record_sample_mae("qm9/U0/dimenet", 0, root=root) == pytest.approx(meta["sample_mae"], rel=1e-12)
     assert dz.check_pretrained("qm9/U0/dimenet", 0, root=root)["recomputed"] == pytest.approx(meta["sample_mae"])
+
+
+def test_a_recipe_that_trained_bit_identically_ships_from_its_dimenet_twin(tmp_path):
+    """Recipes (b) and (c) train exactly as DimeNet on data where their term is zero: where both checkpoints
+    were shipped from their own runs the weights are equal; a recipe run whose checkpoint is gone ships from
+    its twin's weights after the checks that make them its own, and a run that differs (the literal term) is
+    refused."""
+    for target in ("md17/malonaldehyde", "qm9/U0"):
+        twin = torch.load(dz.POTENTIALS_DIR / target / "dimenet" / "seed0.pt", weights_only=True)
+        for recipe in ("dimezblnet_switched", "dimezblnet_interpolated"):
+            weights = torch.load(dz.POTENTIALS_DIR / target / recipe / "seed0.pt", weights_only=True)
+            assert set(weights) - set(twin) == {"zbl.scale"} and set(twin) <= set(weights)
+            assert all(torch.equal(weights[key], twin[key]) for key in twin)
+    root = tmp_path / "potentials"
+    (root / "md17" / "ethanol").mkdir(parents=True)
+    shutil.copytree(dz.POTENTIALS_DIR / "md17" / "ethanol" / "dimenet", root / "md17" / "ethanol" / "dimenet")
+    shutil.copy(dz.POTENTIALS_DIR / "md17" / "ethanol" / "test_sample.npz", root / "md17" / "ethanol")
+    runs = dz.repository_path("results/fair/runs/fair_long/md17/ethanol")
+    meta_path = dz.ship_bit_identical_recipe(runs / "dimezblnet_switched_seed0", "md17/ethanol/dimenet", root=root)
+    meta = json.loads(meta_path.read_text())
+    assert meta["weights_from"]["name"] == "md17/ethanol/dimenet" and meta["config"]["model"]["zbl_reach"]
+    assert dz.check_pretrained("md17/ethanol/dimezblnet_switched", 0, root=root)
+    assert dz.pretrained("md17/ethanol/dimezblnet_switched", 0, root=root).model.zbl is not None
+    with pytest.raises(ValueError, match=r"did not train bit-identically .*differs in offsets, test MAEs"):
+        dz.ship_bit_identical_recipe(runs / "dimezblnet_seed0", "md17/ethanol/dimenet", root=root)
