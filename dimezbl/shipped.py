@@ -223,6 +223,24 @@ def sample_mae(model: DimezblNet, offset, sample: dict, dataset: str) -> dict:
     return result
 
 
+def _write_potential(weights: dict, weights_path: Path, metadata: dict) -> Path:
+    """Write float32 `weights` to `weights_path` and `metadata` (with the commit, the file's name, sha256 and
+    dtype added) beside it as seed<k>.json, both atomically; returns the metadata path."""
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    atomic_write_bytes(weights_path, buffer.getvalue())
+    metadata = {
+        **metadata,
+        "shipped_at_commit": git_state().get("commit"),
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_hex(weights_path.read_bytes()),
+        "weights_dtype": "float32",
+    }
+    meta_path = weights_path.with_suffix(".json")
+    atomic_write_json(meta_path, metadata)
+    return meta_path
+
+
 def ship_potential(run_dir, root=None) -> Path:
     """Write the best checkpoint of a finished run as a shipped potential (weights-only float32 EMA weights and
     their metadata) under `root` (POTENTIALS_DIR by default), and the data set's test sample if it is not there
@@ -253,10 +271,7 @@ def ship_potential(run_dir, root=None) -> Path:
         np.savez_compressed(buffer, **sample)
         atomic_write_bytes(sample_path, buffer.getvalue())
     weights = {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
     weights_path = out_dir / f"seed{int(seed)}.pt"
-    atomic_write_bytes(weights_path, buffer.getvalue())
     shipped = build_model(config)
     shipped.load_state_dict(weights)
     recomputed = to_reporting_units(evaluate(shipped, data, data.test, torch.device("cpu")), config)
@@ -286,14 +301,8 @@ def ship_potential(run_dir, root=None) -> Path:
         "data": provenance["data"],
         "trained_at_commit": provenance["git"].get("commit"),
         "run": portable_path(run_dir),
-        "shipped_at_commit": git_state().get("commit"),
-        "weights_file": weights_path.name,
-        "weights_sha256": sha256_hex(weights_path.read_bytes()),
-        "weights_dtype": "float32",
     }
-    meta_path = weights_path.with_suffix(".json")
-    atomic_write_json(meta_path, metadata)
-    return meta_path
+    return _write_potential(weights, weights_path, metadata)
 
 
 def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
@@ -341,10 +350,7 @@ def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
     for key, value in twin_meta["sample_mae"].items():  # the recipe's term is zero on the sample too
         if not np.isclose(recipe_sample_mae[key], value, rtol=1e-8, atol=0.0):
             raise ValueError(f"{model_name} differs from {twin} on the shipped sample ({key}): its ZBL term acts there")
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
     weights_path = root / config.dataset / config.target / model_name / f"seed{seed}.pt"
-    atomic_write_bytes(weights_path, buffer.getvalue())
     metadata = {
         **{key: twin_meta[key] for key in ("format", "dataset", "target", "offset", "elements", "energy_unit")},
         "name": f"{config.dataset}/{config.target}/{model_name}",
@@ -368,14 +374,8 @@ def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
             "why": "this recipe's run trained bit-identically to it (same data, seed, budget and offsets; test "
             "MAEs and best step equal to the last digit): its ZBL term is zero at every distance of the data",
         },
-        "shipped_at_commit": git_state().get("commit"),
-        "weights_file": weights_path.name,
-        "weights_sha256": sha256_hex(weights_path.read_bytes()),
-        "weights_dtype": "float32",
     }
-    meta_path = weights_path.with_suffix(".json")
-    atomic_write_json(meta_path, metadata)
-    return meta_path
+    return _write_potential(weights, weights_path, metadata)
 
 
 def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-8) -> dict:
