@@ -171,6 +171,8 @@ _API = {
         "profile_seeds",
         "ensure_md17_data",
         "run_models",
+        "OtherDataError",
+        "check_same_data_as_finished_runs",
         "RUN_COLUMNS",
         "stale_best_checkpoint",
         "collect_runs",

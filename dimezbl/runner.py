@@ -359,6 +359,10 @@ def run_models(
     return runs[keep].reset_index(drop=True)
 
 
+class OtherDataError(ValueError):
+    """A run would train on other data than the finished runs of its comparison (`check_same_data_as_finished_runs`)."""
+
+
 def check_same_data_as_finished_runs(config: TrainConfig, to_train: Sequence[TrainConfig]) -> None:
     """Every run of one profile and target compares models on one data set: refuse to train `to_train` on MD17
     data (`config.md17_path`) whose content sha256 differs from the one the finished runs beside them recorded
@@ -382,7 +386,7 @@ def check_same_data_as_finished_runs(config: TrainConfig, to_train: Sequence[Tra
     if found in recorded:
         return
     finished = "; ".join(f"{sha[:16]}... ({', '.join(names)})" for sha, names in recorded.items())
-    raise ValueError(
+    raise OtherDataError(
         f"the data of {cell_dir} ({config.md17_path or config.target}) have content sha256 {found[:16]}..., but "
         f"its finished runs were trained on {finished}: a run trained now ("
         + ", ".join(c.run_dir.name for c in to_train)

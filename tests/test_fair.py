@@ -345,3 +345,23 @@ def test_fair_shortrange_compares_every_recipe(tiny_fair_results):
 
 def test_fair_shortrange_report_names_its_command_when_missing(tmp_path):
     assert "run `make fair-shortrange`" in fair.shortrange_markdown(tmp_path)
+
+
+def test_a_cell_on_other_data_is_skipped_and_the_other_cells_train(monkeypatch, capsys):
+    """`dimezbl fair train` goes through every cell: one whose data here differ from its finished runs' is named
+    and skipped (runner.OtherDataError), the cells after it still train, and the driver ends with the error."""
+    trained = []
+
+    def run_models(profile, dataset, targets, seeds, **kwargs):
+        if targets == ["ethanol"]:
+            raise dz.OtherDataError("the data of ethanol have content sha256 09cf97...")
+        trained.append((profile, targets[0], seeds[0]))
+        return pd.DataFrame()
+
+    monkeypatch.setattr(dz.runner, "run_models", run_models)
+    monkeypatch.setattr(fair, "fair_runs", lambda results_dir: pd.DataFrame())
+    cells = [fair.Cell("md17", "ethanol", "fair_long"), fair.Cell("qm9", "alpha")]
+    with pytest.raises(dz.OtherDataError, match=r"not trained.*\nMD17 ethanol, 8,000 steps: the data of ethanol"):
+        fair.train_fair(cells, seeds=[0, 1])
+    assert trained == [("fair", "alpha", 0), ("fair", "alpha", 1)]
+    assert "skipping MD17 ethanol, 8,000 steps" in capsys.readouterr().out
