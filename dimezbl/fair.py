@@ -232,6 +232,11 @@ def fair_summary(runs: pd.DataFrame, cells: Sequence[Cell] = FAIR_CELLS) -> pd.D
 # --- tables and figures ---------------------------------------------------------------------------------
 
 
+def _quantity_label(row) -> str:
+    """What a row's MAE measures: the QM9 target (U0, alpha, ...) or MD17 energy / forces."""
+    return str(row["target"]) if row["dataset"] == "qm9" else str(row["quantity"])
+
+
 def _mean_std(mean: float, std: float) -> str:
     return "-" if math.isnan(mean) else f"{mean:.4g} ± {std:.2g}" if not math.isnan(std) else f"{mean:.4g}"
 
@@ -275,7 +280,7 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     ]
     for _, row in summary.iterrows():
         lines.append(
-            f"| {row['cell']} | {row['quantity']} ({row['unit']}) | {row['recipe']} | {row['seeds']} | "
+            f"| {row['cell']} | {_quantity_label(row)} ({row['unit']}) | {row['recipe']} | {row['seeds']} | "
             f"{_mean_std(row['dimenet_mean'], row['dimenet_std'])} | "
             f"{_mean_std(row['model_mean'], row['model_std'])} | "
             f"{_change_text(row)} | "
@@ -302,13 +307,13 @@ def headline_markdown(summary: pd.DataFrame) -> str:
         + " | paper's change |",
         "|---|---|---|" + "---|" * len(FAIR_MODELS),
     ]
-    for (cell, quantity), rows in summary.groupby(["cell", "quantity"], sort=False):
+    for (cell, _), rows in summary.groupby(["cell", "quantity"], sort=False):
         rows = rows.set_index("model")
         literal = rows.loc["dimezblnet"] if "dimezblnet" in rows.index else rows.iloc[0]
         cells = [_change_text(rows.loc[m]) if m in rows.index else "-" for m in FAIR_MODELS[1:]]
         paper = literal["paper_change_pct"]
         lines.append(
-            f"| {cell} | {quantity} ({literal['unit']}) | "
+            f"| {cell} | {_quantity_label(literal)} ({literal['unit']}) | "
             f"{_mean_std(literal['dimenet_mean'], literal['dimenet_std'])} ({literal['seeds']}) | "
             + " | ".join(cells)
             + " | "
@@ -345,7 +350,10 @@ def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name
     ax.axvspan(*PAPER_CLAIM_PERCENT, color="tab:blue", alpha=0.15, label="paper's claim (-5.3 to -3.6%)")
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xscale("symlog", linthresh=10.0)
-    ax.set_yticks([-(k * 4 + 1) for k in range(len(keys))], [f"{c}\n{q}" for c, q in keys], fontsize=7)
+    labels = summary.drop_duplicates(["cell", "quantity"]).apply(_quantity_label, axis=1).tolist()
+    ax.set_yticks(
+        [-(k * 4 + 1) for k in range(len(keys))], [f"{c}\n{q}" for (c, _), q in zip(keys, labels)], fontsize=7
+    )
     ax.set_xlabel("test MAE change against DimeNet, % (paired over seeds, 95% CI)")
     ax.legend(fontsize=7, loc="lower right")
     return figures.save_figure(fig, name, results_dir)
