@@ -378,9 +378,8 @@ def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
     return _write_potential(weights, weights_path, metadata)
 
 
-def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-8) -> dict:
-    """Load a shipped potential (sha256 checked) and recompute its MAE on the shipped test sample: returns
-    {"recorded": ..., "recomputed": ...}; raises if they differ beyond `rtol`."""
+def _potential_and_sample(name: str, seed: int, root=None) -> tuple:
+    """The shipped potential and its data set's shipped test sample (arrays), which must come from its data."""
     potential = pretrained(name, seed, root)
     root = Path(root) if root is not None else POTENTIALS_DIR
     meta = potential.metadata
@@ -388,6 +387,14 @@ def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-8) ->
         sample = {key: stored[key] for key in stored.files}
     if str(sample["content_sha256"]) != meta["data"]["content_sha256"]:
         raise ValueError(f"the shipped test sample of {name} comes from other data than seed {seed}")
+    return potential, sample
+
+
+def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-8) -> dict:
+    """Load a shipped potential (sha256 checked) and recompute its MAE on the shipped test sample: returns
+    {"recorded": ..., "recomputed": ...}; raises if they differ beyond `rtol`."""
+    potential, sample = _potential_and_sample(name, seed, root)
+    meta = potential.metadata
     if meta.get("sample_dtype") != SAMPLE_DTYPE:
         raise ValueError(
             f"{name} seed {seed} records its sample MAE in {meta.get('sample_dtype', 'float32')}, not {SAMPLE_DTYPE}: "
@@ -405,13 +412,8 @@ def check_pretrained(name: str, seed: int = 0, root=None, rtol: float = 1e-8) ->
 def record_sample_mae(name: str, seed: int = 0, root=None) -> dict:
     """Recompute the shipped sample MAE of a shipped potential in SAMPLE_DTYPE and write it into its metadata
     (the weights and their sha256 stay as they are); returns the new values."""
-    potential = pretrained(name, seed, root)
-    root = Path(root) if root is not None else POTENTIALS_DIR
+    potential, sample = _potential_and_sample(name, seed, root)
     meta = potential.metadata
-    with np.load(root / meta["dataset"] / meta["target"] / SAMPLE_FILE) as stored:
-        sample = {key: stored[key] for key in stored.files}
-    if str(sample["content_sha256"]) != meta["data"]["content_sha256"]:
-        raise ValueError(f"the shipped test sample of {name} comes from other data than seed {seed}")
     meta_path = _resolve(name, seed, root)
     metadata = json.loads(meta_path.read_text())
     metadata["sample_mae"] = sample_mae(potential.model, potential.offset, sample, meta["dataset"])
