@@ -326,10 +326,10 @@ def headline_markdown(summary: pd.DataFrame) -> str:
 def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name: str = "fair_paired_change"):
     """Forest plot: each recipe's paired change against DimeNet per cell and quantity, 95% intervals, with the
     paper's claimed band shaded. PNG in <results_dir>/figures/."""
-    rows = summary[["cell", "quantity"]].drop_duplicates().shape[0]
-    fig, axes = figures._figure(width=7.0, height=0.45 * max(4, rows * 3))
+    groups = summary.drop_duplicates(["cell", "quantity"])
+    fig, axes = figures._figure(width=7.0, height=0.45 * max(4, len(groups) * 3))
     ax = axes[0, 0]
-    keys = list(dict.fromkeys(zip(summary["cell"], summary["quantity"])))
+    keys = list(zip(groups["cell"], groups["quantity"]))
     colors = figures.MODEL_COLORS
     for k, (cell, quantity) in enumerate(keys):
         for m, model in enumerate(FAIR_MODELS[1:]):
@@ -350,10 +350,8 @@ def plot_paired_change(summary: pd.DataFrame, results_dir=FAIR_RESULTS_DIR, name
     ax.axvspan(*PAPER_CLAIM_PERCENT, color="tab:blue", alpha=0.15, label="paper's claim (-5.3 to -3.6%)")
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xscale("symlog", linthresh=10.0)
-    labels = summary.drop_duplicates(["cell", "quantity"]).apply(_quantity_label, axis=1).tolist()
-    ax.set_yticks(
-        [-(k * 4 + 1) for k in range(len(keys))], [f"{c}\n{q}" for (c, _), q in zip(keys, labels)], fontsize=7
-    )
+    labels = [f"{row['cell']}\n{_quantity_label(row)}" for _, row in groups.iterrows()]
+    ax.set_yticks([-(k * 4 + 1) for k in range(len(keys))], labels, fontsize=7)
     ax.set_xlabel("test MAE change against DimeNet, % (paired over seeds, 95% CI)")
     ax.legend(fontsize=7, loc="lower right")
     return figures.save_figure(fig, name, results_dir)

@@ -223,6 +223,17 @@ def sample_mae(model: DimezblNet, offset, sample: dict, dataset: str) -> dict:
     return result
 
 
+def _float32_weights(model: DimezblNet) -> dict:
+    """The model's state dict with its floating-point tensors in float32 (the shipped weights' precision)."""
+    return {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
+
+
+def _load_sample(root: Path, dataset: str, target: str) -> dict:
+    """The arrays of the shipped test sample of a data set (`<root>/<dataset>/<target>/test_sample.npz`)."""
+    with np.load(root / dataset / target / SAMPLE_FILE) as stored:
+        return {key: stored[key] for key in stored.files}
+
+
 def _write_potential(weights: dict, weights_path: Path, metadata: dict) -> Path:
     """Write float32 `weights` to `weights_path` and `metadata` (with the commit, the file's name, sha256 and
     dtype added) beside it as seed<k>.json, both atomically; returns the metadata path."""
@@ -261,8 +272,7 @@ def ship_potential(run_dir, root=None) -> Path:
     out_dir = root / config.dataset / config.target / model_name
     sample_path = root / config.dataset / config.target / SAMPLE_FILE
     if sample_path.exists():
-        with np.load(sample_path) as stored:
-            sample = {key: stored[key] for key in stored.files}
+        sample = _load_sample(root, config.dataset, config.target)
         if str(sample["content_sha256"]) != data.data_sha256:
             raise ValueError(f"{sample_path} comes from other data than {run_dir}: ship runs of one data set")
     else:
@@ -270,7 +280,7 @@ def ship_potential(run_dir, root=None) -> Path:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **sample)
         atomic_write_bytes(sample_path, buffer.getvalue())
-    weights = {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
+    weights = _float32_weights(model)
     weights_path = out_dir / f"seed{int(seed)}.pt"
     shipped = build_model(config)
     shipped.load_state_dict(weights)
@@ -343,9 +353,8 @@ def ship_bit_identical_recipe(run_dir, twin: str, root=None) -> Path:
     missing, unexpected = model.load_state_dict(twin_weights, strict=False)
     if unexpected or any(not key.startswith("zbl.") for key in missing):
         raise ValueError(f"{twin}'s weights do not fit {model_name}: missing {missing}, unexpected {unexpected}")
-    weights = {key: value.float() if value.is_floating_point() else value for key, value in model.state_dict().items()}
-    with np.load(root / config.dataset / config.target / SAMPLE_FILE) as stored:
-        sample = {key: stored[key] for key in stored.files}
+    weights = _float32_weights(model)
+    sample = _load_sample(root, config.dataset, config.target)
     recipe_sample_mae = sample_mae(model, twin_meta["offset"], sample, config.dataset)
     for key, value in twin_meta["sample_mae"].items():  # the recipe's term is zero on the sample too
         if not np.isclose(recipe_sample_mae[key], value, rtol=1e-8, atol=0.0):
@@ -383,8 +392,7 @@ def _potential_and_sample(name: str, seed: int, root=None) -> tuple:
     potential = pretrained(name, seed, root)
     root = Path(root) if root is not None else POTENTIALS_DIR
     meta = potential.metadata
-    with np.load(root / meta["dataset"] / meta["target"] / SAMPLE_FILE) as stored:
-        sample = {key: stored[key] for key in stored.files}
+    sample = _load_sample(root, meta["dataset"], meta["target"])
     if str(sample["content_sha256"]) != meta["data"]["content_sha256"]:
         raise ValueError(f"the shipped test sample of {name} comes from other data than seed {seed}")
     return potential, sample
@@ -413,12 +421,12 @@ def record_sample_mae(name: str, seed: int = 0, root=None) -> dict:
     """Recompute the shipped sample MAE of a shipped potential in SAMPLE_DTYPE and write it into its metadata
     (the weights and their sha256 stay as they are); returns the new values."""
     potential, sample = _potential_and_sample(name, seed, root)
-    meta = potential.metadata
-    meta_path = _resolve(name, seed, root)
-    metadata = json.loads(meta_path.read_text())
-    metadata["sample_mae"] = sample_mae(potential.model, potential.offset, sample, meta["dataset"])
-    metadata["sample_dtype"] = SAMPLE_DTYPE
-    atomic_write_json(meta_path, metadata)
+    metadata = {
+        **potential.metadata,
+        "sample_mae": sample_mae(potential.model, potential.offset, sample, potential.metadata["dataset"]),
+        "sample_dtype": SAMPLE_DTYPE,
+    }
+    atomic_write_json(_resolve(name, seed, root), metadata)
     return metadata["sample_mae"]
 
 

@@ -316,6 +316,11 @@ def reproduced(tmp_path_factory):
     return base / "results"
 
 
+def _run_arguments(data_dir, results) -> dict:
+    """run_models keywords of the tests that train (tiny) runs into a copy of the reproduced results."""
+    return dict(data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32, **TINY_TRAINING)
+
+
 def test_reproduce_writes_executed_notebooks_figures_and_tables(reproduced):
     for name in dz.NOTEBOOKS:
         executed = nbformat.read(reproduced / "executed" / name, as_version=4)
@@ -396,9 +401,7 @@ def test_reuse_committed_counts_runs_without_checkpoints_as_finished(reproduced,
     for checkpoint in committed.glob("*.pt"):
         checkpoint.unlink()
     metrics_before = (committed / "metrics.json").read_text()
-    arguments = dict(
-        data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32, **TINY_TRAINING
-    )
+    arguments = _run_arguments(data_dir, results)
 
     def no_generation(*args, **kwargs):
         raise AssertionError("nothing is trained, so no data set is needed")
@@ -438,9 +441,7 @@ def test_a_best_checkpoint_of_another_training_is_not_used(reproduced, tmp_path,
     dz.atomic_torch_save(older, path)
     assert "another config (differs in max_steps)" in dz.stale_best_checkpoint(run_dir)
     files_before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
-    arguments = dict(
-        data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32, **TINY_TRAINING
-    )
+    arguments = _run_arguments(data_dir, results)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run is not trained again")
@@ -478,9 +479,7 @@ def test_a_run_is_not_trained_on_other_data_than_its_finished_siblings(reproduce
     found = provenance["data"]["content_sha256"]
     provenance["data"]["content_sha256"] = "0" * 64
     provenance_path.write_text(json.dumps(provenance))
-    arguments = dict(
-        data_dir=data_dir, results_dir=results, device="cpu", progress=False, md17_configs=32, **TINY_TRAINING
-    )
+    arguments = _run_arguments(data_dir, results)
 
     def no_training(*args, **kwargs):
         raise AssertionError("nothing is trained on other data")
