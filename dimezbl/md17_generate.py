@@ -201,6 +201,7 @@ MD17_EQUILIBRATION_STEPS = 2000  # 1 ps at 0.5 fs before the first stored config
 LANGEVIN_FRICTION_PER_FS = 0.01  # 1/fs (100 fs relaxation time), ase's documented example value
 OPTIMISATION_FMAX_EV_A = 0.01  # eV/Angstrom, BFGS on the starting geometry
 CHECKPOINT_EVERY = 100  # configurations between checkpoints
+COMMITTED_SETS_BLAS_CORE = "Haswell"  # numpy's OpenBLAS kernels on the AMD EPYC that regenerates the fair sets
 
 
 def _limit_openmp_threads(num_threads: int) -> None:
@@ -265,6 +266,37 @@ def _software_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def openblas_core() -> str | None:
+    """The OpenBLAS kernel set numpy's linear algebra runs on in this process ("Haswell" on the 2-core AMD EPYC
+    CPUs, other names on AVX-512 CPUs), or None where numpy bundles no OpenBLAS that says. The start geometry's
+    BFGS optimisation goes through it: other kernels round differently in the last bit (forcing SSE kernels here
+    moved the optimised ethanol by 3e-15 A), and the Langevin trajectory, chaotic, then drifts into another set."""
+    libs = sorted((Path(np.__file__).parent.parent / "numpy.libs").glob("libscipy_openblas*.so*"))
+    for lib in libs:
+        try:
+            handle = ctypes.CDLL(str(lib))
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            function = getattr(handle, symbol, None)
+            if function is not None:
+                function.restype = ctypes.c_char_p
+                return function().decode()
+    return None
+
+
+def _warn_about_other_blas_kernels(core: str | None) -> None:
+    if core is not None and core != COMMITTED_SETS_BLAS_CORE:
+        LOG.warning(
+            "numpy's OpenBLAS runs on %s kernels here; the committed generated sets were made on %s kernels, and "
+            "other kernels give another trajectory (another data set, another sha256). To aim at those sets, "
+            "start Python with OPENBLAS_CORETYPE=%s (CPUs with AVX2) and compare the sha256 (docs/data.md).",
+            core,
+            COMMITTED_SETS_BLAS_CORE,
+            COMMITTED_SETS_BLAS_CORE,
+        )
 
 
 def _state_path(out_path: Path) -> Path:
@@ -460,6 +492,8 @@ def generate_md17(
     }
     ev_to_kcal = ev_to_kcal_per_mol()
 
+    blas_core = openblas_core()
+    _warn_about_other_blas_kernels(blas_core)
     atoms, geometry_source = optimise_md17_geometry(molecule, num_threads)
     atoms.set_constraint(FixCom())  # keep the centre of mass in place (ase's advice over fixcm=True)
     rng = np.random.default_rng(seed)
@@ -588,6 +622,7 @@ def generate_md17(
             "ev_to_kcal_per_mol": ev_to_kcal,
             "software": _software_versions(),
             "openmp_threads": num_threads,
+            "openblas_core": blas_core,
             "note": "GFN2-xTB data generated offline, not the DFT data of MD17: comparable across models "
             "here, not with the paper's absolute numbers",
         },

@@ -4,8 +4,11 @@ the GFN2-xTB generator (against direct tblite calls and finite differences), res
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +20,8 @@ import torch
 
 import dimezbl as dz
 import dimezbl_core as dc
+from dimezbl import md17_generate
+from dimezbl.data import LOG
 
 HARTREE_TO_EV = 27.211386245988  # CODATA 2018, written out here so the test does not use the module's
 
@@ -445,6 +450,28 @@ def test_generated_ethanol_layout_and_sidecar(ethanol_5):
     assert {"tblite", "ase", "numpy"} <= set(meta["software"]) and "not the DFT data" in meta["note"]
     dataset = dz.load_md17("ethanol", path=ethanol_5)
     assert len(dataset) == 5 and dataset[0].forces.shape == (9, 3)
+    assert meta["openblas_core"] == md17_generate.openblas_core()  # the kernels the start geometry ran on
+
+
+def test_the_blas_kernels_are_recorded_and_other_ones_warned_about(caplog):
+    """Other OpenBLAS kernels give another trajectory: the generator names the kernels it ran on, and warns where
+    they are not those of the committed sets, naming the setting that selects them."""
+    core = md17_generate.openblas_core()
+    if core is None:
+        pytest.skip("numpy here bundles no OpenBLAS that names its kernels")
+    forced = subprocess.run(
+        [sys.executable, "-c", "from dimezbl.md17_generate import openblas_core; print(openblas_core())"],
+        env={**os.environ, "OPENBLAS_CORETYPE": "Prescott"},  # SSE3 kernels: every x86-64 CPU runs them
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert forced.stdout.strip() not in ("", "None", md17_generate.COMMITTED_SETS_BLAS_CORE)
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        md17_generate._warn_about_other_blas_kernels(md17_generate.COMMITTED_SETS_BLAS_CORE)
+        assert not caplog.records
+        md17_generate._warn_about_other_blas_kernels("SkylakeX")
+    assert "SkylakeX kernels" in caplog.text and "OPENBLAS_CORETYPE=Haswell" in caplog.text
 
 
 def test_generated_energies_and_forces_match_direct_tblite(ethanol_5):
