@@ -236,14 +236,15 @@ def test_a_recipe_that_trained_bit_identically_ships_from_its_dimenet_twin(tmp_p
             assert set(weights) - set(twin) == {"zbl.scale"} and set(twin) <= set(weights)
             assert all(torch.equal(weights[key], twin[key]) for key in twin)
     root = tmp_path / "potentials"
-    (root / "md17" / "ethanol").mkdir(parents=True)
-    shutil.copytree(dz.POTENTIALS_DIR / "md17" / "ethanol" / "dimenet", root / "md17" / "ethanol" / "dimenet")
-    shutil.copy(dz.POTENTIALS_DIR / "md17" / "ethanol" / "test_sample.npz", root / "md17" / "ethanol")
-    runs = dz.repository_path("results/fair/runs/fair_long/md17/ethanol")
-    meta_path = dz.ship_bit_identical_recipe(runs / "dimezblnet_switched_seed0", "md17/ethanol/dimenet", root=root)
+    cell = "md17/malonaldehyde"
+    (root / cell).mkdir(parents=True)
+    shutil.copytree(dz.POTENTIALS_DIR / cell / "dimenet", root / cell / "dimenet")
+    shutil.copy(dz.POTENTIALS_DIR / cell / "test_sample.npz", root / cell)
+    runs = dz.repository_path("results/fair/runs/fair/md17/malonaldehyde")
+    meta_path = dz.ship_bit_identical_recipe(runs / "dimezblnet_switched_seed0", f"{cell}/dimenet", root=root)
     meta = json.loads(meta_path.read_text())
-    assert meta["weights_from"]["name"] == "md17/ethanol/dimenet" and meta["config"]["model"]["zbl_reach"]
-    assert dz.check_pretrained("md17/ethanol/dimezblnet_switched", 0, root=root)
-    assert dz.pretrained("md17/ethanol/dimezblnet_switched", 0, root=root).model.zbl is not None
+    assert meta["weights_from"]["name"] == f"{cell}/dimenet" and meta["config"]["model"]["zbl_reach"]
+    assert dz.check_pretrained(f"{cell}/dimezblnet_switched", 0, root=root)
+    assert dz.pretrained(f"{cell}/dimezblnet_switched", 0, root=root).model.zbl is not None
     with pytest.raises(ValueError, match=r"did not train bit-identically .*differs in offsets, test MAEs"):
-        dz.ship_bit_identical_recipe(runs / "dimezblnet_seed0", "md17/ethanol/dimenet", root=root)
+        dz.ship_bit_identical_recipe(runs / "dimezblnet_seed0", f"{cell}/dimenet", root=root)
