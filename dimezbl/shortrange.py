@@ -544,7 +544,6 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
             if len(rows)
             else ensemble,
         )
-        ax.legend(fontsize=7, loc="upper center", ncol=len(models))  # above the 100% bars
     ax = axes[0][2]
     nve = summary[(summary["ensemble"] == "nve") & summary["median_abs_drift_ev_atom_ps"].notna()]
     for model in models:
@@ -563,7 +562,9 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
     )
     if len(nve) and (nve["median_abs_drift_ev_atom_ps"] > 0).all():
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    # one legend for the three panels, below them: inside a panel, a row of five labels squeezes the panels
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(models), fontsize=8)
     fig.suptitle(f"MD stability over {summary['molecules'].max()} MD17 molecule(s)")
     return save_figure(fig, name, results_dir)
 
