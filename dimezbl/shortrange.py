@@ -537,7 +537,7 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
         ax.set(
             xlabel="temperature (K)",
             ylabel="unphysical trajectories (%)",
-            ylim=(0, 130),
+            ylim=(0, 105),
             yticks=np.arange(0, 101, 20),
             title=f"{'Langevin' if ensemble == 'langevin' else 'NVE (velocity Verlet)'}, "
             f"{rows['simulated_time_fs'].max():g} fs"
@@ -553,7 +553,6 @@ def plot_md_stability(summary: pd.DataFrame, results_dir=None, name: str = "shor
             of_model["median_abs_drift_ev_atom_ps"],
             marker="o",
             color=colors.get(model),
-            label=model,
         )
     ax.set(
         xlabel="start temperature (K)",
