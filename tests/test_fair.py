@@ -230,6 +230,10 @@ def test_summary_pairs_by_seed_and_refuses_mixed_data():
     row = summary[summary["model"] == "dimezblnet"].iloc[0]
     assert row["seeds"] == 2 and row["change_pct"] == pytest.approx(50.0) and row["verdict"] == "higher error"
     assert row["paper_change_pct"] == pytest.approx(100 * (8.07 / 8.29 - 1))  # the paper's own Table 1 cells
+    # every segment's commit of a resumed run is listed in the provenance line
+    runs["git_commit"] = ["a" * 40, "b" * 40 + " + " + "c" * 40, "a" * 40, "a" * 40]
+    runs["hardware"], runs["offset_method"], runs["final_learning_rate"] = "cpu", "per-element", 1e-5
+    assert "Commits: aaaaaaa, bbbbbbb, ccccccc." in fair.summary_markdown(summary, runs)
     runs.loc[0, "data_sha256"] = "other"
     mixed = fair.fair_summary(runs, [fair.Cell("qm9", "U0")])
     assert (mixed["verdict"] == "data differ").all()
