@@ -381,7 +381,7 @@ def plot_convergence(
                 mean.values,
                 style,
                 color=colors[model],
-                label=f"{RECIPE_LABELS[model]}, {steps:,} steps ({len(curves)} seeds)",
+                label=f"{RECIPE_LABELS[model]}, {steps:,} steps ({len(curves)} seed{'s' if len(curves) != 1 else ''})",
             )
     ax.set_yscale("log")
     ax.set_xlabel("training step")

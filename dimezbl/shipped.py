@@ -113,6 +113,8 @@ def list_pretrained(root=None) -> list:
             "training_steps": int(metas[0]["config"]["max_steps"]),
             "energy_unit": metas[0]["units"]["energy"],
         }
+        if "forces" in metas[0]["units"]:
+            row["forces_unit"] = metas[0]["units"]["forces"]
         for key in test[0]:
             row[f"test_{key}"] = float(np.mean([t[key] for t in test]))
         rows.append(row)
@@ -446,13 +448,11 @@ def models_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     for row in rows:
         maes = ", ".join(
-            f"{key[len('test_') :]} {value:.4g}"
+            f"{key[len('test_') : -len('_mae')]} {value:.4g} "
+            f"{row['forces_unit'] if key.startswith('test_forces') else row['energy_unit']}"
             for key, value in row.items()
-            if key.startswith("test_") and "mae" in key
+            if key.startswith("test_") and key.endswith("_mae")
         )
         seeds = ",".join(map(str, row["seeds"]))
-        print(
-            f"{row['name']:45s} seeds {seeds:8s} {row['training_steps']:>6,} steps  test MAE {maes} "
-            f"({row['energy_unit']})"
-        )
+        print(f"{row['name']:45s} seeds {seeds:8s} {row['training_steps']:>6,} steps  test MAE {maes}")
     return 0

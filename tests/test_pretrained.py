@@ -137,6 +137,9 @@ def test_models_command_lists_what_is_shipped(capsys):
     assert dz.cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(dz.list_pretrained()) and all(" steps " in line for line in lines)
+    # each MAE carries its own unit: energies in the energy unit, forces per Angstrom
+    md17 = [line for line in lines if line.startswith("md17/")]
+    assert md17 and all("kcal/mol, forces " in line and line.endswith(" kcal/mol/A") for line in md17)
 
 
 def test_the_readmes_first_code_block_runs_as_written(tmp_path, monkeypatch):
