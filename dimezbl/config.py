@@ -363,6 +363,14 @@ def config_from_file(path, **overrides) -> TrainConfig:
     and target, the file's fields over it, then `overrides` (e.g. out_dir) over both. A run's config.json
     gives back exactly that run's config."""
     values = {**read_config_file(path), **overrides}
+    out_dir = values.get("out_dir")
+    if "out_dir" not in overrides and isinstance(out_dir, str) and Path(out_dir).is_absolute():
+        if not Path(out_dir).exists() and not Path(out_dir).parent.exists():
+            raise ValueError(
+                f"config file {path} writes to out_dir={out_dir}, which is not on this machine (a config.json written"
+                " in another checkout?): give --out-dir DIR (out_dir=... in Python), or a path relative to the"
+                " repository root in the file"
+            )
     missing = [key for key in ("dataset", "target") if key not in values]
     if missing:
         raise ValueError(

@@ -258,7 +258,7 @@ def run_models(
     if not seeds:
         raise ValueError("no seeds given (None: the profile's seeds)")
     fields = {key: value for key, value in overrides.items() if value is not None}
-    fields["out_dir"] = str(results_path(results_dir, "runs"))
+    fields["out_dir"] = portable_path(results_path(results_dir, "runs"))  # config.json valid in any checkout
     if data_dir is not None:
         fields["data_dir"] = str(data_dir)
 

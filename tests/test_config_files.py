@@ -80,3 +80,26 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dz.cli.main(["train", "--target", "U0"])
     assert "--dataset needed (or --config FILE holding them)" in capsys.readouterr().err
+
+
+def test_a_config_json_from_another_checkout_names_its_out_dir(tmp_path, capsys):
+    """Run configs store out_dir relative to the repository root; an absolute one of another machine is an
+    error that says how to choose the directory, not a write to a path that is not there."""
+    stored = {"profile": "smoke", "dataset": "qm9", "target": "U0", "out_dir": "/nowhere/checkout/results/runs"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"out_dir=/nowhere/checkout/results/runs, which is not on this machine"):
+        dz.config_from_file(path)
+    with pytest.raises(SystemExit):
+        dz.cli.main(["train", "--config", str(path)])
+    assert "give --out-dir DIR" in capsys.readouterr().err
+    assert dz.config_from_file(path, out_dir=str(tmp_path / "runs")).run_dir.parent.parent.parent.parent == (
+        tmp_path / "runs"
+    )
+    # an absolute directory that can be made here (its parent exists), and a relative one, are kept
+    stored["out_dir"] = str(tmp_path / "new_runs")
+    path.write_text(json.dumps(stored))
+    assert dz.config_from_file(path).out_dir == str(tmp_path / "new_runs")
+    stored["out_dir"] = "results/fair/runs"
+    path.write_text(json.dumps(stored))
+    assert dz.config_from_file(path).run_dir.is_relative_to(dz.REPOSITORY_ROOT / "results" / "fair" / "runs")
