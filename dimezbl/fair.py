@@ -253,8 +253,8 @@ def _change_text(row) -> str:
 
 def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     """results/fair/tables/summary.md: provenance, then one row per (cell, quantity, recipe)."""
-    # A resumed run records the commits of its segments as "first + second"; each is listed.
-    commits = sorted({part.strip()[:7] for c in runs["git_commit"].dropna() for part in str(c).split("+")})
+    # a resumed run records the commit of each of its training segments; each is listed
+    commits = sorted({part[:7] for c in runs["git_commit"].dropna() for part in runner.segment_texts(c)})
     lines = [
         "# The fair test: DimeNet against three ZBL recipes",
         "",

@@ -416,9 +416,17 @@ def _hardware_text(hardware: dict) -> str:
     )
 
 
+SEGMENT_SEPARATOR = " + "  # joins the commits (hardware) of a run's training segments in runs.csv
+
+
 def _in_order_once(texts) -> str:
-    """Distinct texts in their first-seen order, joined by " + " (one per training segment)."""
-    return " + ".join(dict.fromkeys(texts))
+    """Distinct texts in their first-seen order, joined by SEGMENT_SEPARATOR (one per training segment)."""
+    return SEGMENT_SEPARATOR.join(dict.fromkeys(texts))
+
+
+def segment_texts(text) -> list:
+    """The per-segment texts of a runs.csv field that `_in_order_once` joined (e.g. each commit of a resumed run)."""
+    return str(text).split(SEGMENT_SEPARATOR)
 
 
 def _run_hardware_text(provenance: dict) -> str:
